@@ -1,0 +1,269 @@
+"""The ordered, bounded, concurrent fetch pipeline behind ``Dataset.batches``.
+
+A fixed set of worker tasks claims keys in order and fetches them; finished
+items wait in a reorder buffer until their batch is complete. Three bounds
+keep it honest:
+
+- at most ``concurrency`` items are being fetched at any time (an item that
+  is done does not hold a slot, so one slow item does not stall the rest);
+- workers do not claim keys further than ``2 * concurrency + batch_size``
+  items past the first batch not yet handed out, which bounds the buffer;
+- no task is created per item: the workers are created once per stream.
+
+The stream is a plain async iterator rather than an async generator so that
+leaving an ``async for`` early (which drops the last reference to it) cancels
+the workers at once, without relying on generator finalisation running in
+another task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
+
+K = TypeVar("K")
+
+
+def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
+    """Record on ``exc`` which key was being processed, once."""
+    if getattr(exc, "_mlworkflow_async_key_noted", False):
+        return
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.add_note(f"while querying key {key!r} of {type(dataset).__name__}")
+        exc._mlworkflow_async_key_noted = True  # type: ignore[attr-defined]
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
+    """Async iterator of ``(keys, batch)`` returned by ``Dataset.batches``.
+
+    Iterate it with ``async for``. Leaving the loop early cancels the fetches
+    in flight; ``await stream.aclose()`` or ``async with`` does so
+    deterministically.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[K, Any],
+        batch_size: int,
+        keys: AsyncIterable[K] | Iterable[K],
+        collate: Callable[[list[Any]], Any],
+        drop_incomplete: bool,
+        concurrency: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self._dataset = dataset
+        self._batch_size = batch_size
+        self._keys_source = keys
+        self._collate = collate
+        self._drop_incomplete = drop_incomplete
+        # Backends that fetch many items in one go are given whole batches.
+        self._unit = batch_size if dataset.batched_queries else 1
+        self._n_workers = max(1, concurrency // self._unit)
+        self._window = 2 * concurrency + batch_size
+        self._keys: dict[int, K] = {}
+        self._results: dict[int, Any] = {}
+        self._claimed = 0  # items claimed by workers so far
+        self._head = 0  # index of the first item not handed out yet
+        self._head_filled = 0  # finished items in the head batch
+        self._exhausted = False
+        self._failed = False
+        self._source_error: BaseException | None = None
+        self._closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._key_iter: AsyncIterator[K] | Iterable[K] | None = None
+        self._claim_lock: asyncio.Lock | None = None
+        self._progress: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+
+    # -- public ----------------------------------------------------------
+
+    def __aiter__(self) -> BatchStream[K]:
+        return self
+
+    async def __aenter__(self) -> BatchStream[K]:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the stream and cancel every fetch in flight."""
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __del__(self) -> None:
+        for task in self._tasks:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed
+                task.cancel()
+
+    async def __anext__(self) -> tuple[list[K], Any]:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._tasks and not self._exhausted:
+            self._start()
+        assert self._progress is not None
+        head = self._head
+        while True:
+            size = self._head_size()
+            if self._source_error is not None and self._claimed - head < self._batch_size:
+                # Key discovery failed before this batch could be filled.
+                await self.aclose()
+                raise self._source_error
+            if size == 0 or (size < self._batch_size and self._drop_incomplete):
+                await self.aclose()
+                raise StopAsyncIteration
+            if self._head_filled >= size:
+                break
+            failure = self._first_failure(head, head + size)
+            if failure is not None:
+                await self.aclose()
+                raise failure.exc
+            self._progress.clear()
+            await self._progress.wait()
+        keys = [self._keys.pop(i) for i in range(head, head + size)]
+        items = [self._results.pop(i) for i in range(head, head + size)]
+        for item in items:
+            if isinstance(item, _Failure):
+                await self.aclose()
+                raise item.exc
+        self._head = head + size
+        self._head_filled = sum(
+            1 for i in range(self._head, self._head + self._batch_size) if i in self._results
+        )
+        self._wake_room()
+        return keys, self._collate(items)
+
+    # -- internals -------------------------------------------------------
+
+    def _start(self) -> None:
+        source = self._keys_source
+        self._key_iter = aiter(source) if isinstance(source, AsyncIterable) else iter(source)
+        self._claim_lock = asyncio.Lock()
+        self._progress = asyncio.Event()
+        self._room = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._work()) for _ in range(self._n_workers)]
+
+    def _head_size(self) -> int:
+        if self._exhausted:
+            return max(0, min(self._batch_size, self._claimed - self._head))
+        return self._batch_size
+
+    def _first_failure(self, start: int, stop: int) -> _Failure | None:
+        if not self._failed:
+            return None
+        for i in range(start, stop):
+            result = self._results.get(i)
+            if isinstance(result, _Failure):
+                return result
+        return None
+
+    def _wake_room(self) -> None:
+        room = self._room
+        assert room is not None
+        self._room = asyncio.Event()
+        room.set()
+
+    def _wake_consumer(self) -> None:
+        assert self._progress is not None
+        self._progress.set()
+
+    async def _claim(self) -> tuple[int, list[K]]:
+        """Take the next unit of keys, waiting for room in the window."""
+        assert self._claim_lock is not None
+        async with self._claim_lock:
+            while self._claimed + self._unit > self._head + self._window:
+                assert self._room is not None
+                await self._room.wait()
+            start = self._claimed
+            keys: list[K] = []
+            it = self._key_iter
+            if isinstance(it, AsyncIterator):
+                for _ in range(self._unit):
+                    try:
+                        keys.append(await anext(it))
+                    except StopAsyncIteration:
+                        self._exhausted = True
+                        break
+            else:
+                assert isinstance(it, Iterable)
+                iterator = iter(it)
+                for _ in range(self._unit):
+                    try:
+                        keys.append(next(iterator))
+                    except StopIteration:
+                        self._exhausted = True
+                        break
+            for offset, key in enumerate(keys):
+                self._keys[start + offset] = key
+            self._claimed = start + len(keys)
+            if self._exhausted:
+                self._wake_consumer()
+            return start, keys
+
+    async def _work(self) -> None:
+        dataset = self._dataset
+        unit = self._unit
+        while not (self._exhausted or self._failed or self._closed):
+            try:
+                start, keys = await self._claim()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the key source itself failed
+                self._source_error = exc
+                self._exhausted = self._failed = True
+                self._wake_consumer()
+                return
+            if not keys:
+                return
+            try:
+                if unit == 1:
+                    results: list[Any] = [await dataset.query_item(keys[0])]
+                else:
+                    results = list(await dataset.query_items(keys))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if unit == 1:
+                    add_key_note(exc, keys[0], dataset)
+                self._record(start, [_Failure(exc)] * len(keys), failed=True)
+                return
+            self._record(start, results, failed=False)
+
+    def _record(self, start: int, results: list[Any], failed: bool) -> None:
+        head, stop = self._head, self._head + self._batch_size
+        self._failed = self._failed or failed
+        in_head = 0
+        for offset, result in enumerate(results):
+            index = start + offset
+            self._results[index] = result
+            if head <= index < stop:
+                in_head += 1
+        if in_head:
+            self._head_filled += in_head
+            if failed or self._head_filled >= self._head_size():
+                self._wake_consumer()
+        elif failed:
+            self._wake_consumer()

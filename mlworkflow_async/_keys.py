@@ -1,0 +1,216 @@
+"""The memoized, lazily discovered key sequence behind ``Dataset.keys``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
+from typing import Any, Generic, TypeVar
+
+from .exceptions import KeysNotReadyError
+
+K = TypeVar("K")
+
+
+def _is_collection(source: object) -> bool:
+    return (
+        isinstance(source, Sized)
+        and isinstance(source, Iterable)
+        and not isinstance(source, Iterator)
+    )
+
+
+class KeySequence(Generic[K]):
+    """The keys of a dataset, computed once and remembered.
+
+    Iterate with ``async for key in dataset.keys`` or get them all with
+    ``await dataset.keys.all()``. The dataset's ``yield_keys()`` runs at most
+    once: every iterator, even several running concurrently, reads from the
+    same cache and sees every key in order. Leaving a loop early loses
+    nothing; the next loop continues from the cache.
+
+    ``len(dataset.keys)`` works once the keys are complete. When
+    ``yield_keys()`` returns a sized collection (a list, ``dict.keys()``...)
+    they are complete as soon as they are first looked at.
+
+    If pulling a key from an asynchronous ``yield_keys()`` is interrupted
+    (cancelled, or it raises), its generator cannot resume; the next pull
+    calls ``yield_keys()`` again and skips the keys already cached.
+    """
+
+    __slots__ = ("_aiter", "_cache", "_done", "_factory", "_iter", "_owner", "_pulling", "_skip")
+
+    def __init__(self, factory: Callable[[], Any], owner: str) -> None:
+        self._factory = factory
+        self._owner = owner
+        self._cache: list[K] = []
+        self._done = False
+        self._iter: Iterator[K] | None = None
+        self._aiter: AsyncIterator[K] | None = None
+        self._skip = 0
+        self._pulling: asyncio.Event | None = None
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        """True once every key is known (this may start ``yield_keys()``)."""
+        self._start()
+        return self._done
+
+    @property
+    def known(self) -> tuple[K, ...]:
+        """The keys discovered so far, without computing any more."""
+        return tuple(self._cache)
+
+    def __len__(self) -> int:
+        if not self.complete:
+            raise KeysNotReadyError(
+                f"the length of {self._owner} is not known until all its keys are: "
+                f"run `await dataset.keys.all()` first (or `dataset.sync.keys.all()` "
+                f"in blocking code); {len(self._cache)} keys are known so far"
+            )
+        return len(self._cache)
+
+    def __repr__(self) -> str:
+        state = "complete" if self._done else "partial"
+        return f"<keys of {self._owner}: {len(self._cache)} known, {state}>"
+
+    def __iter__(self) -> Iterator[K]:
+        raise TypeError(
+            "dataset.keys is asynchronous: use `async for key in dataset.keys`, "
+            "`await dataset.keys.all()`, or in blocking code `dataset.sync.keys`"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Live iterators cannot cross processes; complete keys can.
+        return {"factory": self._factory, "owner": self._owner,
+                "cache": self._cache if self._done else None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["factory"], state["owner"])  # type: ignore[misc]
+        if state["cache"] is not None:
+            self._cache = state["cache"]
+            self._done = True
+
+    # -- iteration -------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[K]:
+        return _KeyIterator(self)
+
+    async def all(self) -> tuple[K, ...]:
+        """Compute every key and return them as a tuple."""
+        while not self.complete:
+            await self._pull()
+        return tuple(self._cache)
+
+    async def fill_to(self, n: int) -> bool:
+        """Discover keys until ``n`` are known; False if there are fewer."""
+        while len(self._cache) < n:
+            if self.complete:
+                return False
+            await self._pull()
+        return True
+
+    async def chunk_from(self, start: int, size: int, budget: float = 0.02) -> tuple[K, ...]:
+        """Up to ``size`` keys from ``start``; empty when there are none.
+
+        Waits for at least one key, then gathers more for at most ``budget``
+        seconds, so blocking consumers pay one round trip per chunk.
+        """
+        deadline = time.monotonic() + budget
+        while len(self._cache) < start + size and not self.complete:
+            if len(self._cache) > start and time.monotonic() > deadline:
+                break
+            await self._pull()
+        return tuple(self._cache[start : start + size])
+
+    # -- internals -------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._done or self._iter is not None or self._aiter is not None:
+            return
+        source = self._factory()
+        if _is_collection(source):
+            keys = list(source)
+            if self._skip and keys[: self._skip] != self._cache:
+                raise RuntimeError(f"yield_keys() of {self._owner} changed between calls")
+            self._cache = keys
+            self._done = True
+        elif isinstance(source, AsyncIterable):
+            self._aiter = aiter(source)
+        elif isinstance(source, Iterable):
+            self._iter = iter(source)
+        else:
+            raise TypeError(
+                f"yield_keys() of {self._owner} returned {type(source).__name__}; it must be "
+                f"a generator, an async generator, or return an iterable or async iterable"
+            )
+
+    def _restart(self) -> None:
+        self._iter = None
+        self._aiter = None
+        self._skip = len(self._cache)
+
+    async def _pull(self) -> None:
+        """Discover one more key (or learn there are none)."""
+        self._start()
+        if self._done:
+            return
+        if self._iter is not None:
+            try:
+                while True:
+                    key = next(self._iter)
+                    if self._skip:
+                        self._skip -= 1
+                        continue
+                    self._cache.append(key)
+                    return
+            except StopIteration:
+                self._done = True
+                self._iter = None
+            except BaseException:
+                self._restart()
+                raise
+            return
+        pulling = self._pulling
+        if pulling is not None:
+            # Another task is pulling; its key lands in the cache for us too.
+            await pulling.wait()
+            return
+        pulling = self._pulling = asyncio.Event()
+        try:
+            assert self._aiter is not None
+            while True:
+                key = await anext(self._aiter)
+                if self._skip:
+                    self._skip -= 1
+                    continue
+                self._cache.append(key)
+                return
+        except StopAsyncIteration:
+            self._done = True
+            self._aiter = None
+        except BaseException:
+            self._restart()
+            raise
+        finally:
+            self._pulling = None
+            pulling.set()
+
+
+class _KeyIterator(AsyncIterator[K]):
+    __slots__ = ("_i", "_seq")
+
+    def __init__(self, seq: KeySequence[K]) -> None:
+        self._seq = seq
+        self._i = 0
+
+    async def __anext__(self) -> K:
+        seq = self._seq
+        i = self._i
+        cache = seq._cache
+        if i >= len(cache) and not await seq.fill_to(i + 1):
+            raise StopAsyncIteration
+        self._i = i + 1
+        return seq._cache[i]

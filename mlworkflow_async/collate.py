@@ -1,0 +1,108 @@
+"""Turning lists of items into batches, and iterables into chunks.
+
+>>> batchify([{"x": 1, "y": "a"}, {"x": 2, "y": "b"}])
+{'x': array([1, 2]), 'y': array(['a', 'b'], dtype='<U1')}
+>>> batchify([(1, "a"), (2, "b")], wrapper=list)
+([1, 2], ['a', 'b'])
+>>> list(chunkify(range(5), 2))
+[[0, 1], [2, 3], [4]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = ["batchify", "chunkify"]
+
+T = TypeVar("T")
+Wrapper = Callable[[list[Any]], Any]
+
+
+def _resolve_wrapper(wrapper: Any) -> Wrapper:
+    # ``np.ndarray(list)`` would build an uninitialised array *shaped* by the
+    # list; whoever writes ``wrapper=np.ndarray`` means "make an ndarray".
+    if wrapper is np.ndarray:
+        return np.asarray
+    return wrapper  # type: ignore[no-any-return]
+
+
+def _as_mapping(item: Any) -> Mapping[str, Any] | None:
+    if isinstance(item, Mapping):
+        return item
+    to_dict = getattr(item, "to_dict", None)
+    if callable(to_dict):
+        result = to_dict()
+        if isinstance(result, Mapping):
+            return result
+    return None
+
+
+def batchify(items: Sequence[Any], wrapper: Any = np.array) -> Any:
+    """Collate ``items`` into one batch, column by column.
+
+    - dicts (or objects with ``to_dict()``) give a dict of wrapped columns;
+    - a NamedTuple gives the same NamedTuple type with wrapped fields;
+    - other tuples and lists give a tuple of wrapped columns;
+    - anything else gives ``wrapper(list_of_items)``.
+
+    ``wrapper`` receives a list and defaults to :func:`numpy.array`;
+    ``np.ndarray`` is accepted as a synonym for it.
+
+    >>> from typing import NamedTuple
+    >>> class Pair(NamedTuple):
+    ...     a: int
+    ...     b: int
+    >>> batchify([Pair(1, 2), Pair(3, 4)], wrapper=list)
+    Pair(a=[1, 3], b=[2, 4])
+    """
+    wrap = _resolve_wrapper(wrapper)
+    if not items:
+        return wrap([])
+    first = items[0]
+    first_map = _as_mapping(first)
+    if first_map is not None:
+        columns: dict[Any, list[Any]] = {name: [] for name in first_map}
+        for index, item in enumerate(items):
+            mapping = item if index == 0 else _as_mapping(item)
+            if mapping is None or mapping.keys() != first_map.keys():
+                got = "not a mapping" if mapping is None else f"fields {sorted(map(str, mapping))}"
+                raise ValueError(
+                    f"cannot collate item {index}: expected fields "
+                    f"{sorted(map(str, first_map))} like item 0, got {got}"
+                )
+            for name, value in mapping.items():
+                columns[name].append(value)
+        return {name: wrap(values) for name, values in columns.items()}
+    if isinstance(first, (tuple, list)):
+        width = len(first)
+        for index, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != width:
+                raise ValueError(
+                    f"cannot collate item {index}: expected a sequence of {width} "
+                    f"fields like item 0, got {item!r:.80}"
+                )
+        cols = [wrap(list(col)) for col in zip(*items, strict=True)]
+        if isinstance(first, tuple) and hasattr(type(first), "_fields"):
+            return type(first)(*cols)
+        return tuple(cols)
+    return wrap(list(items))
+
+
+def chunkify(iterable: Iterable[T], n: int, drop_incomplete: bool = False) -> Iterator[list[T]]:
+    """Yield lists of ``n`` consecutive elements; the last may be shorter.
+
+    With ``drop_incomplete=True`` a shorter last chunk is dropped.
+    """
+    if n < 1:
+        raise ValueError(f"chunk size must be at least 1, got {n}")
+    chunk: list[T] = []
+    for element in iterable:
+        chunk.append(element)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk and not drop_incomplete:
+        yield chunk

@@ -1,0 +1,43 @@
+"""A dataset backed by an in-memory mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
+from .dataset import Dataset
+
+__all__ = ["DictDataset"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class DictDataset(Dataset[K, V]):
+    """The items of a mapping, keyed as in the mapping.
+
+    >>> import asyncio
+    >>> ds = DictDataset({1: "a", 2: "b", 3: "c"})
+    >>> len(ds), asyncio.run(ds.query_item(2))
+    (3, 'b')
+    """
+
+    def __init__(self, dic: Mapping[K, V]) -> None:
+        self.dic = dic
+
+    def yield_keys(self) -> tuple[K, ...]:
+        return tuple(self.dic)
+
+    async def query_item(self, key: K) -> V:
+        try:
+            return self.dic[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a key of this DictDataset") from None
+
+    async def query_items(self, keys: object) -> list[V]:
+        # Plain lookups: no need to schedule anything per item.
+        dic = self.dic
+        try:
+            return [dic[key] for key in keys]  # type: ignore[attr-defined]
+        except KeyError as exc:
+            raise KeyError(f"{exc.args[0]!r} is not a key of this DictDataset") from None
