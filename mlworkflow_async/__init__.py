@@ -1,10 +1,10 @@
 """Async-first datasets, batching and side runners for machine-learning data pipelines.
 
 >>> import asyncio
->>> from mlworkflow_async import DictDataset, TransformedDataset
->>> ds = TransformedDataset(DictDataset({1: "a", 2: "b"}), [lambda k, v: v.upper()])
->>> asyncio.run(ds.query_item(2))
-'B'
+>>> from mlworkflow_async import DictDataset
+>>> ds = DictDataset({1: "a", 2: "b"})
+>>> asyncio.run(ds.keys.all()), ds.sync.query_item(2)
+((1, 2), 'b')
 """
 
 from .adapters import from_sync

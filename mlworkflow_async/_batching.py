@@ -54,6 +54,48 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
     deterministically.
     """
 
+    # The worker tasks reference only the pipeline, never this handle, so
+    # dropping the handle (as leaving an ``async for`` does) runs __del__.
+    __slots__ = ("_pipeline",)
+
+    def __init__(
+        self,
+        dataset: Dataset[K, Any],
+        batch_size: int,
+        keys: AsyncIterable[K] | Iterable[K],
+        collate: Callable[[list[Any]], Any],
+        drop_incomplete: bool,
+        concurrency: int,
+    ) -> None:
+        self._pipeline = _Pipeline(
+            dataset, batch_size, keys, collate, drop_incomplete, concurrency
+        )
+
+    def __aiter__(self) -> BatchStream[K]:
+        return self
+
+    async def __anext__(self) -> tuple[list[K], Any]:
+        return await self._pipeline.next_batch()
+
+    async def __aenter__(self) -> BatchStream[K]:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the stream and cancel every fetch in flight."""
+        await self._pipeline.aclose()
+
+    def __del__(self) -> None:
+        pipeline = getattr(self, "_pipeline", None)
+        if pipeline is not None:
+            pipeline.cancel()
+
+
+class _Pipeline(Generic[K]):
     def __init__(
         self,
         dataset: Dataset[K, Any],
@@ -91,21 +133,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         self._progress: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
 
-    # -- public ----------------------------------------------------------
-
-    def __aiter__(self) -> BatchStream[K]:
-        return self
-
-    async def __aenter__(self) -> BatchStream[K]:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
-        """Stop the stream and cancel every fetch in flight."""
         self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -113,12 +141,13 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __del__(self) -> None:
+    def cancel(self) -> None:
+        self._closed = True
         for task in self._tasks:
             with contextlib.suppress(RuntimeError):  # the loop may be closed
                 task.cancel()
 
-    async def __anext__(self) -> tuple[list[K], Any]:
+    async def next_batch(self) -> tuple[list[K], Any]:
         if self._closed:
             raise StopAsyncIteration
         if not self._tasks and not self._exhausted:

@@ -38,7 +38,17 @@ class KeySequence(Generic[K]):
     calls ``yield_keys()`` again and skips the keys already cached.
     """
 
-    __slots__ = ("_aiter", "_cache", "_done", "_factory", "_iter", "_owner", "_pulling", "_skip")
+    __slots__ = (
+        "_aiter",
+        "_aiter_loop",
+        "_cache",
+        "_done",
+        "_factory",
+        "_iter",
+        "_owner",
+        "_pulling",
+        "_skip",
+    )
 
     def __init__(self, factory: Callable[[], Any], owner: str) -> None:
         self._factory = factory
@@ -47,6 +57,7 @@ class KeySequence(Generic[K]):
         self._done = False
         self._iter: Iterator[K] | None = None
         self._aiter: AsyncIterator[K] | None = None
+        self._aiter_loop: asyncio.AbstractEventLoop | None = None
         self._skip = 0
         self._pulling: asyncio.Event | None = None
 
@@ -108,7 +119,7 @@ class KeySequence(Generic[K]):
         """Discover keys until ``n`` are known; False if there are fewer."""
         while len(self._cache) < n:
             if self.complete:
-                return False
+                return len(self._cache) >= n
             await self._pull()
         return True
 
@@ -139,6 +150,7 @@ class KeySequence(Generic[K]):
             self._done = True
         elif isinstance(source, AsyncIterable):
             self._aiter = aiter(source)
+            self._aiter_loop = None
         elif isinstance(source, Iterable):
             self._iter = iter(source)
         else:
@@ -150,6 +162,7 @@ class KeySequence(Generic[K]):
     def _restart(self) -> None:
         self._iter = None
         self._aiter = None
+        self._aiter_loop = None
         self._skip = len(self._cache)
 
     async def _pull(self) -> None:
@@ -178,6 +191,16 @@ class KeySequence(Generic[K]):
             # Another task is pulling; its key lands in the cache for us too.
             await pulling.wait()
             return
+        loop = asyncio.get_running_loop()
+        if self._aiter_loop is None:
+            self._aiter_loop = loop
+        elif self._aiter_loop is not loop:
+            # asyncio.run() closes the async generators first iterated in its
+            # loop when it ends, so one from another loop may look exhausted
+            # when it is not: start afresh in this loop, skipping known keys.
+            self._restart()
+            self._start()
+            self._aiter_loop = loop
         pulling = self._pulling = asyncio.Event()
         try:
             assert self._aiter is not None

@@ -66,7 +66,7 @@ def batchify(items: Sequence[Any], wrapper: Any = np.array) -> Any:
     if first_map is not None:
         columns: dict[Any, list[Any]] = {name: [] for name in first_map}
         for index, item in enumerate(items):
-            mapping = item if index == 0 else _as_mapping(item)
+            mapping = first_map if index == 0 else _as_mapping(item)
             if mapping is None or mapping.keys() != first_map.keys():
                 got = "not a mapping" if mapping is None else f"fields {sorted(map(str, mapping))}"
                 raise ValueError(

@@ -57,9 +57,6 @@ class SyncKeys(Generic[K]):
         ensure_blocking_allowed("dataset.sync.keys.all()", "`await dataset.keys.all()`")
         return get_portal().call(self._keys.all)
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def __repr__(self) -> str:
         return repr(self._keys)
 

@@ -1,0 +1,161 @@
+"""Dataset.batches: order, bounds on concurrency and buffering, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest
+
+from mlworkflow_async import Dataset, DictDataset
+from tests.conftest import wait_until
+
+
+class Probe(Dataset[int, int]):
+    """Counts fetches in flight; items listed in ``blocked`` wait for ``release``."""
+
+    def __init__(self, n: int, blocked: set[int] | None = None, fail: int | None = None) -> None:
+        self.n = n
+        self.blocked = blocked or set()
+        self.fail = fail
+        self.release = asyncio.Event()
+        self.active = 0
+        self.max_active = 0
+        self.started: list[int] = []
+        self.finished = 0
+
+    def yield_keys(self) -> range:
+        return range(self.n)
+
+    async def query_item(self, key: int) -> int:
+        self.started.append(key)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if key in self.blocked:
+                await self.release.wait()
+            else:
+                await asyncio.sleep(0)
+            if key == self.fail:
+                raise ValueError(f"broken item {key}")
+            return key
+        finally:
+            self.active -= 1
+            self.finished += 1
+
+
+async def test_batches_in_key_order_with_incomplete_last_batch() -> None:
+    ds = DictDataset({i: i for i in range(10)})
+    got = [(keys, batch.tolist()) async for keys, batch in ds.batches(4, concurrency=3)]
+    assert got == [([0, 1, 2, 3], [0, 1, 2, 3]), ([4, 5, 6, 7], [4, 5, 6, 7]), ([8, 9], [8, 9])]
+
+
+async def test_drop_incomplete_and_explicit_keys() -> None:
+    ds = DictDataset({i: i for i in range(10)})
+    got = [keys async for keys, _ in ds.batches(4, drop_incomplete=True)]
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    got = [b.tolist() async for _, b in ds.batches(2, keys=[9, 3, 1])]
+    assert got == [[9, 3], [1]]
+    assert [k async for k, _ in ds.batches(3, keys=[])] == []
+
+
+async def test_order_holds_when_items_finish_out_of_order() -> None:
+    class Reverse(Dataset[int, int]):
+        def yield_keys(self) -> range:
+            return range(20)
+
+        async def query_item(self, key: int) -> int:
+            for _ in range(20 - key):  # later keys finish first
+                await asyncio.sleep(0)
+            return key
+
+    got = [k async for keys, _ in Reverse().batches(3, concurrency=20) for k in keys]
+    assert got == list(range(20))
+
+
+@pytest.mark.parametrize(("concurrency", "batch_size"), [(1, 4), (5, 4), (8, 64), (100, 3)])
+async def test_concurrency_bounds_fetches_in_flight(concurrency: int, batch_size: int) -> None:
+    ds = Probe(200)
+    items = [k async for keys, _ in ds.batches(batch_size, concurrency=concurrency) for k in keys]
+    assert items == list(range(200))
+    assert 1 <= ds.max_active <= concurrency
+    if concurrency <= 100:
+        assert ds.max_active == concurrency  # the bound is also reached
+
+
+async def test_later_batches_load_while_earlier_ones_are_handed_out() -> None:
+    ds = Probe(1000)
+    stream = ds.batches(10, concurrency=100)
+    keys, _ = await stream.__anext__()
+    assert keys == list(range(10))
+    await wait_until(lambda: len(ds.started) >= 100)
+    await stream.aclose()
+
+
+async def test_one_slow_item_does_not_stall_the_others() -> None:
+    ds = Probe(500, blocked={5})
+    concurrency, batch_size = 10, 4
+    stream = ds.batches(batch_size, concurrency=concurrency)
+    first = await stream.__anext__()
+    assert first[0] == [0, 1, 2, 3]
+    consumer = asyncio.create_task(stream.__anext__())  # waits for item 5
+    # While item 5 is stuck, finished items free their slots and fetching goes on
+    # past it, up to the reorder window.
+    window = 2 * concurrency + batch_size
+    await wait_until(lambda: ds.finished >= window - 2)
+    assert ds.active == 1  # only the slow item holds a slot
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert max(ds.started) < 4 + window  # the reorder buffer stays bounded
+    assert not consumer.done()
+    ds.release.set()
+    assert (await consumer)[0] == [4, 5, 6, 7]
+    rest = [k async for keys, _ in stream for k in keys]
+    assert rest == list(range(8, 500))
+
+
+async def test_early_break_cancels_fetches_and_leaks_no_task() -> None:
+    ds = Probe(1000, blocked=set(range(20, 1000)))
+    before = len(asyncio.all_tasks())
+    async for keys, _ in ds.batches(5, concurrency=50):
+        if keys[0] == 10:
+            break
+    await wait_until(lambda: len(asyncio.all_tasks()) == before)
+    await wait_until(lambda: ds.active == 0)
+    assert ds.finished == len(ds.started)  # every started fetch ended (cancelled)
+
+
+async def test_explicit_close_cancels_in_flight_fetches() -> None:
+    ds = Probe(100, blocked=set(range(4, 100)))
+    async with ds.batches(4, concurrency=8) as stream:
+        await stream.__anext__()
+        await wait_until(lambda: ds.active == 8)
+    assert ds.active == 0
+    gc.collect()
+
+
+async def test_failing_item_stops_the_stream_and_names_its_key() -> None:
+    ds = Probe(40, fail=13)
+    seen: list[int] = []
+    before = len(asyncio.all_tasks())
+    with pytest.raises(ValueError, match="broken item 13") as info:
+        async for keys, _ in ds.batches(4, concurrency=6):
+            seen.extend(keys)
+    assert seen == list(range(12))  # batches before the failing one were delivered
+    assert any("key 13" in note and "Probe" in note for note in info.value.__notes__)
+    await wait_until(lambda: len(asyncio.all_tasks()) == before)
+
+
+async def test_concurrency_is_validated() -> None:
+    ds = DictDataset({1: 1})
+    with pytest.raises(ValueError, match="concurrency"):
+        ds.batches(2, concurrency=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        ds.batches(0)
+
+
+async def test_collate_fn_receives_the_items() -> None:
+    ds = DictDataset({i: str(i) for i in range(5)})
+    got: list[Any] = [b async for _, b in ds.batches(2, collate_fn="".join)]
+    assert got == ["01", "23", "4"]

@@ -1,0 +1,82 @@
+"""The blocking view: plain threads, and a clear refusal inside an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from mlworkflow_async import Dataset, DictDataset, KeysNotReadyError, SyncInLoopError
+
+
+class Lazy(Dataset[int, int]):
+    async def yield_keys(self) -> Any:
+        for i in range(2500):
+            yield i
+
+    async def query_item(self, key: int) -> int:
+        await asyncio.sleep(0)
+        return key + 1
+
+
+def test_sync_view_from_a_plain_thread() -> None:
+    ds = Lazy()
+    results: dict[str, Any] = {}
+
+    def script() -> None:
+        view = ds.sync
+        try:
+            len(view)
+        except KeysNotReadyError:
+            results["len_before"] = "not ready"
+        results["keys"] = list(view.keys)
+        results["all"] = view.keys.all()
+        results["len"] = len(view)
+        results["item"] = view.query_item(5)
+        results["items"] = view.query_items([1, 2])
+        results["query"] = view.query([3, 4]).tolist()
+        results["batches"] = [(k[0], b.shape) for k, b in view.batches(1000, concurrency=50)]
+
+    thread = threading.Thread(target=script)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert results["len_before"] == "not ready"
+    assert results["keys"] == list(range(2500))
+    assert results["all"] == tuple(range(2500))
+    assert results["len"] == 2500
+    assert results["item"] == 6
+    assert results["items"] == [2, 3]
+    assert results["query"] == [4, 5]
+    assert results["batches"] == [(0, (1000,)), (1000, (1000,)), (2000, (500,))]
+
+
+def test_sync_batches_can_be_closed_early() -> None:
+    ds = DictDataset({i: i for i in range(100)})
+    with ds.sync.batches(10) as batches:
+        keys, _ = next(batches)
+        assert keys == list(range(10))
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+def test_sync_item_error_is_raised_in_the_script() -> None:
+    ds = DictDataset({1: "a"})
+    with pytest.raises(KeyError, match="42"):
+        ds.sync.query_item(42)
+
+
+async def test_sync_view_refuses_inside_a_running_loop() -> None:
+    ds = DictDataset({1: "a"})
+    for call in (
+        lambda: ds.sync.query_item(1),
+        lambda: ds.sync.query([1]),
+        lambda: ds.sync.keys.all(),
+        lambda: list(ds.sync.keys),
+        lambda: ds.sync.batches(1),
+    ):
+        with pytest.raises(SyncInLoopError, match=r"(await|async for)"):
+            call()
+    assert issubclass(SyncInLoopError, RuntimeError)
