@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from itertools import islice
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._keys import KeySequence
 
 if TYPE_CHECKING:
     from .dataset import Dataset
@@ -128,7 +131,8 @@ class _Pipeline(Generic[K]):
         self._source_error: BaseException | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._key_iter: AsyncIterator[K] | Iterable[K] | None = None
+        self._sync_iter: Iterator[K] | None = None
+        self._async_iter: AsyncIterator[K] | None = None
         self._claim_lock: asyncio.Lock | None = None
         self._progress: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -188,7 +192,13 @@ class _Pipeline(Generic[K]):
 
     def _start(self) -> None:
         source = self._keys_source
-        self._key_iter = aiter(source) if isinstance(source, AsyncIterable) else iter(source)
+        if isinstance(source, KeySequence) and source.complete:
+            # Known keys are claimed without awaiting anything: the fast path.
+            self._sync_iter = iter(source.known)
+        elif isinstance(source, AsyncIterable):
+            self._async_iter = aiter(source)
+        else:
+            self._sync_iter = iter(source)
         self._claim_lock = asyncio.Lock()
         self._progress = asyncio.Event()
         self._room = asyncio.Event()
@@ -219,38 +229,49 @@ class _Pipeline(Generic[K]):
         assert self._progress is not None
         self._progress.set()
 
+    def _room_to_claim(self) -> bool:
+        return self._claimed + self._unit <= self._head + self._window
+
+    def _register(self, keys: list[K]) -> tuple[int, list[K]]:
+        start = self._claimed
+        for offset, key in enumerate(keys):
+            self._keys[start + offset] = key
+        self._claimed = start + len(keys)
+        if self._exhausted:
+            self._wake_consumer()
+        return start, keys
+
+    def _take_now(self, iterator: Iterator[K]) -> tuple[int, list[K]]:
+        keys = list(islice(iterator, self._unit))
+        if len(keys) < self._unit:
+            self._exhausted = True
+        return self._register(keys)
+
     async def _claim(self) -> tuple[int, list[K]]:
         """Take the next unit of keys, waiting for room in the window."""
-        assert self._claim_lock is not None
-        async with self._claim_lock:
-            while self._claimed + self._unit > self._head + self._window:
+        lock = self._claim_lock
+        assert lock is not None
+        sync_iter = self._sync_iter
+        if sync_iter is not None and not lock.locked() and self._room_to_claim():
+            # Nothing is awaited from here on, so no other worker can interleave.
+            return self._take_now(sync_iter)
+        async with lock:
+            while not self._room_to_claim():
                 assert self._room is not None
                 await self._room.wait()
-            start = self._claimed
-            keys: list[K] = []
-            it = self._key_iter
-            if isinstance(it, AsyncIterator):
-                for _ in range(self._unit):
-                    try:
-                        keys.append(await anext(it))
-                    except StopAsyncIteration:
-                        self._exhausted = True
-                        break
-            else:
-                assert isinstance(it, Iterable)
-                iterator = iter(it)
-                for _ in range(self._unit):
-                    try:
-                        keys.append(next(iterator))
-                    except StopIteration:
-                        self._exhausted = True
-                        break
-            for offset, key in enumerate(keys):
-                self._keys[start + offset] = key
-            self._claimed = start + len(keys)
             if self._exhausted:
-                self._wake_consumer()
-            return start, keys
+                return self._claimed, []
+            if sync_iter is not None:
+                return self._take_now(sync_iter)
+            assert self._async_iter is not None
+            keys: list[K] = []
+            for _ in range(self._unit):
+                try:
+                    keys.append(await anext(self._async_iter))
+                except StopAsyncIteration:
+                    self._exhausted = True
+                    break
+            return self._register(keys)
 
     async def _work(self) -> None:
         dataset = self._dataset
