@@ -274,30 +274,81 @@ class _Pipeline(Generic[K]):
             return self._register(keys)
 
     async def _work(self) -> None:
+        if self._unit == 1:
+            await self._work_items()
+        else:
+            await self._work_units()
+
+    async def _work_items(self) -> None:
+        """One key at a time: the hot loop of I/O-bound streams, kept lean."""
+        query_item = self._dataset.query_item
+        keys, results = self._keys, self._results
+        lock = self._claim_lock
+        assert lock is not None
+        while not (self._exhausted or self._failed or self._closed):
+            sync_iter = self._sync_iter
+            if (
+                sync_iter is not None
+                and not lock.locked()
+                and self._claimed < self._head + self._window
+            ):
+                try:
+                    key = next(sync_iter)
+                except StopIteration:
+                    self._exhausted = True
+                    self._wake_consumer()
+                    return
+                index = self._claimed
+                self._claimed = index + 1
+                keys[index] = key
+            else:
+                try:
+                    index, claimed = await self._claim()
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    self._fail_source(exc)
+                    return
+                if not claimed:
+                    return
+                key = claimed[0]
+            try:
+                result = await query_item(key)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                add_key_note(exc, key, self._dataset)
+                self._record(index, [_Failure(exc)], failed=True)
+                return
+            results[index] = result
+            head = self._head
+            if head <= index < head + self._batch_size:
+                self._head_filled += 1
+                if self._head_filled >= self._head_size():
+                    self._wake_consumer()
+
+    def _fail_source(self, exc: BaseException) -> None:
+        self._source_error = exc
+        self._exhausted = self._failed = True
+        self._wake_consumer()
+
+    async def _work_units(self) -> None:
         dataset = self._dataset
-        unit = self._unit
         while not (self._exhausted or self._failed or self._closed):
             try:
                 start, keys = await self._claim()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # the key source itself failed
-                self._source_error = exc
-                self._exhausted = self._failed = True
-                self._wake_consumer()
+                self._fail_source(exc)
                 return
             if not keys:
                 return
             try:
-                if unit == 1:
-                    results: list[Any] = [await dataset.query_item(keys[0])]
-                else:
-                    results = list(await dataset.query_items(keys))
+                results = list(await dataset.query_items(keys))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                if unit == 1:
-                    add_key_note(exc, keys[0], dataset)
                 self._record(start, [_Failure(exc)] * len(keys), failed=True)
                 return
             self._record(start, results, failed=False)
