@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "KeysNotReadyError",
+    "RunnerClosedError",
     "SyncInLoopError",
 ]
 
@@ -26,4 +27,13 @@ class SyncInLoopError(RuntimeError):
 
     Blocking there would freeze the loop, so the blocking facades refuse.
     Use the async API (``await ...`` / ``async for ...``) instead.
+    """
+
+
+class RunnerClosedError(RuntimeError):
+    """A ``SideRunner`` was used while it was not open.
+
+    Work can only be handed to an async runner inside its ``async with``
+    block, and to a blocking runner before ``close()``. Open the runner
+    first (``async with SideRunner(4) as runner: ...``), or make a new one.
     """
