@@ -27,7 +27,7 @@ demo: $(VENV)/.installed-base
 	$(BIN)/python -m mlworkflow_async demo
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check mlworkflow_async tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint
