@@ -12,12 +12,14 @@ from .collate import batchify, chunkify
 from .dataset import Dataset
 from .dict_dataset import DictDataset
 from .exceptions import KeysNotReadyError, SyncInLoopError
+from .side_runner import SideRunner
 from .subset import Subset
 
 __all__ = [
     "Dataset",
     "DictDataset",
     "KeysNotReadyError",
+    "SideRunner",
     "Subset",
     "SyncInLoopError",
     "batchify",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
+from ._blocking_runner import SideRunner
 from ._portal import ensure_blocking_allowed, get_portal
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from ._keys import KeySequence
     from .dataset import Dataset
 
-__all__ = ["SyncView", "SyncKeys", "SyncBatches"]
+__all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -1,0 +1,374 @@
+"""The blocking ``SideRunner`` for plain scripts, exposed as ``mlworkflow_async.sync.SideRunner``.
+
+It is a thin layer over the async :class:`mlworkflow_async.SideRunner`: one
+task on the shared background loop (``_portal``) holds the runner's
+``async with`` open until :meth:`SideRunner.close`, and every call is passed
+to that loop. Handing work over does not wait for the loop; calls that
+return something (``collect_runs``, iterating ``yield_async``) block.
+
+Ctrl-C while blocked in a call, or an error in a ``with`` block, cancels the
+runner's work: queued calls never start. A runner never closed is closed at
+interpreter exit, waiting for its work, unless the program is dying of an
+uncaught exception (Ctrl-C included), in which case its work is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ._callables import describe
+from ._portal import ensure_blocking_allowed, get_portal
+from ._prefetch import Prefetcher
+from .exceptions import RunnerClosedError
+from .side_runner import RunHandle
+from .side_runner import SideRunner as AsyncSideRunner
+
+__all__ = ["SideRunner", "SyncPrefetcher"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+_log = logging.getLogger("mlworkflow_async")
+
+_INSTEAD = "`async with mlworkflow_async.SideRunner(...) as runner:`"
+
+
+class _RunFuture(cf.Future[Any]):
+    """A future that tells its run once its outcome was read.
+
+    A failure read here has been seen, so closing the runner does not raise
+    it a second time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handle: RunHandle[Any] | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            self._note_read()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        finally:
+            self._note_read()
+
+    def _note_read(self) -> None:
+        if self.handle is not None and self.done():
+            self.handle._mark_retrieved()
+
+
+class _Core:
+    """The open async runner and its holder task; shared with the finalizer."""
+
+    def __init__(self, runner: AsyncSideRunner) -> None:
+        self.runner = runner
+        self.portal = get_portal()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.outcome_read = False
+        self.future, started = self.portal.start_task(self._hold)
+        self.loop: asyncio.AbstractEventLoop = started[0]
+        self.stop: asyncio.Event = started[1]
+        self.scope: anyio.CancelScope = started[2]
+        with _cores_lock:
+            _cores.add(self)
+        self.future.add_done_callback(self._forget)
+
+    async def _hold(self, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.CancelScope() as scope:
+            async with self.runner:
+                stop = asyncio.Event()
+                task_status.started((asyncio.get_running_loop(), stop, scope))
+                await stop.wait()
+
+    def _forget(self, _: object) -> None:
+        with _cores_lock:
+            _cores.discard(self)
+
+    def _soon(self, fn: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone already
+            self.loop.call_soon_threadsafe(fn)
+
+    def check_open(self, what: str) -> None:
+        if self.closed:
+            raise RunnerClosedError(
+                f"SideRunner.{what}() was called after close(); make a new SideRunner"
+            )
+
+    def submit(
+        self,
+        what: str,
+        f: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: _RunFuture | None,
+    ) -> None:
+        if not callable(f):
+            raise TypeError(f"SideRunner.{what}() needs a function first, got {f!r}")
+        with self.lock:
+            self.check_open(what)
+            # FIFO with later calls: collect_runs() sees every run handed over before it.
+            self.loop.call_soon_threadsafe(self._enqueue, what, f, args, kwargs, future)
+
+    def _enqueue(
+        self,
+        what: str,
+        f: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: _RunFuture | None,
+    ) -> None:
+        try:
+            run = self.runner._enqueue(what, f, args, kwargs, future is None, future)
+        except Exception as exc:  # the runner was cancelled meanwhile
+            if future is not None:
+                future.set_exception(exc)
+            else:
+                _log.error("SideRunner.do(%s) was dropped", describe(f), exc_info=exc)
+        else:
+            if future is not None:
+                future.handle = run
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the loop and wait; Ctrl-C meanwhile cancels the runner."""
+        future: cf.Future[Any] = self.portal.start_task_soon(fn, *args)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            self.abort()
+            raise
+
+    def close(self) -> None:
+        with self.lock:
+            first = not self.closed
+            self.closed = True
+        if first:
+            self._soon(self.stop.set)
+        try:
+            self.future.result()
+        except KeyboardInterrupt:
+            self.abort()
+            raise
+        except BaseException:
+            if not self.outcome_read:
+                self.outcome_read = True
+                raise
+
+    def abort(self) -> None:
+        """Cancel all work and wait until it is over; drop run failures."""
+        with self.lock:
+            self.closed = True
+        self.outcome_read = True
+        self._soon(self.scope.cancel)
+        with contextlib.suppress(Exception):
+            self.future.result()
+
+    def release(self) -> None:
+        """Close without waiting: the runner was dropped without ``close()``."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        self._soon(self.stop.set)
+        self.future.add_done_callback(self._report_unread)
+
+    def _report_unread(self, future: cf.Future[Any]) -> None:
+        if self.outcome_read or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self.outcome_read = True
+            _log.error("runs of a SideRunner that was never closed failed", exc_info=exc)
+
+
+_cores_lock = threading.Lock()
+_cores: set[_Core] = set()
+
+
+def _close_all_at_exit() -> None:
+    # Registered after the portal's own exit hook, so it runs before it.
+    dying = getattr(sys, "last_value", None) is not None
+    with _cores_lock:
+        cores = list(_cores)
+    for core in cores:
+        try:
+            if dying:
+                core.abort()
+            else:
+                core.close()
+        except Exception as exc:
+            _log.error("runs of a SideRunner left open at exit failed", exc_info=exc)
+
+
+def _forget_after_fork() -> None:
+    # The parent's loop thread does not exist in the child.
+    global _cores_lock
+    _cores_lock = threading.Lock()
+    _cores.clear()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class SyncPrefetcher(Iterator[T], Generic[T]):
+    """Blocking iterator returned by ``SideRunner.yield_async``.
+
+    Items are fetched in the background while the loop body runs. ``close()``
+    (or leaving a ``with`` block) stops the background work and closes the
+    source; so does dropping the iterator.
+    """
+
+    def __init__(self, prefetcher: Prefetcher[T], core: _Core) -> None:
+        self._prefetcher = prefetcher
+        self._core = core
+        self._done = False
+
+    def __iter__(self) -> SyncPrefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        ensure_blocking_allowed("iterating SideRunner.yield_async()", "`async for`")
+        try:
+            item: T = self._core.call(self._prefetcher.__anext__)
+            return item
+        except StopAsyncIteration:
+            self._done = True
+            raise StopIteration from None
+        except BaseException:
+            self._done = True
+            raise
+
+    def close(self) -> None:
+        """Stop the background work and close the source."""
+        if not self._done:
+            self._done = True
+            ensure_blocking_allowed("SyncPrefetcher.close()", "`await prefetcher.aclose()`")
+            self._core.portal.call(self._prefetcher.aclose)
+
+    def __enter__(self) -> SyncPrefetcher[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SideRunner:
+    """Blocking twin of :class:`mlworkflow_async.SideRunner`, for plain scripts.
+
+    Same calls, no ``await``: ``run_async`` returns a
+    :class:`concurrent.futures.Future`, ``collect_runs()`` the list of
+    results, ``yield_async`` a plain iterator; ``do`` forgets its run, whose
+    error is raised by ``collect_runs()`` or ``close()``. Use it in a
+    ``with`` block, or call :meth:`close` (otherwise it is closed at exit).
+
+    >>> from mlworkflow_async.sync import SideRunner
+    >>> with SideRunner(4) as runner:
+    ...     for x in range(5):
+    ...         _ = runner.run_async(pow, x, 2)
+    ...     squares = runner.collect_runs()
+    ...     prefetched = list(runner.yield_async(iter("abc")))
+    >>> squares, prefetched
+    ([0, 1, 4, 9, 16], ['a', 'b', 'c'])
+
+    It runs the async runner on a shared background event loop; calling it
+    from inside a running event loop raises
+    :class:`~mlworkflow_async.exceptions.SyncInLoopError`.
+    """
+
+    def __init__(self, pool_size: int = 1, executor: Any = None) -> None:
+        ensure_blocking_allowed("mlworkflow_async.sync.SideRunner()", _INSTEAD)
+        self._runner = AsyncSideRunner(pool_size, executor)
+        self._core = _Core(self._runner)
+        weakref.finalize(self, self._core.release)
+
+    @property
+    def pool_size(self) -> int:
+        return self._runner.pool_size
+
+    @property
+    def executor(self) -> cf.Executor | None:
+        return self._runner.executor
+
+    def do(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Start ``f(*args, **kwargs)`` without waiting for it; errors come at close."""
+        ensure_blocking_allowed("SideRunner.do()", _INSTEAD)
+        self._core.submit("do", f, args, kwargs, None)
+
+    @overload
+    def run_async(
+        self, f: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> cf.Future[T]: ...
+
+    @overload
+    def run_async(
+        self, f: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> cf.Future[T]: ...
+
+    def run_async(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Start ``f(*args, **kwargs)``; keep it pending for :meth:`collect_runs`."""
+        ensure_blocking_allowed("SideRunner.run_async()", _INSTEAD)
+        future = _RunFuture()
+        self._core.submit("run_async", f, args, kwargs, future)
+        return future
+
+    def collect_runs(self, return_exceptions: bool = False) -> list[Any]:
+        """Wait for every pending run; return their results in submission order."""
+        ensure_blocking_allowed("SideRunner.collect_runs()", "`await runner.collect_runs()`")
+        self._core.check_open("collect_runs")
+        results: list[Any] = self._core.call(self._runner.collect_runs, return_exceptions)
+        return results
+
+    def yield_async(
+        self,
+        gen: Iterable[T] | AsyncIterable[T] | Callable[[], Iterable[T] | AsyncIterable[T]],
+        in_advance: int = 1,
+    ) -> SyncPrefetcher[T]:
+        """Consume ``gen`` in the background, up to ``in_advance`` items ahead."""
+        ensure_blocking_allowed(
+            "SideRunner.yield_async()", "`async for ... in runner.yield_async()`"
+        )
+        self._core.check_open("yield_async")
+        prefetcher: Prefetcher[T] = self._core.call(self._runner.yield_async, gen, in_advance)
+        return SyncPrefetcher(prefetcher, self._core)
+
+    def close(self) -> None:
+        """Wait for the work still queued or going, then raise failures not yet reported."""
+        ensure_blocking_allowed("SideRunner.close()", "leaving `async with SideRunner(...)`")
+        self._core.close()
+
+    def __enter__(self) -> SideRunner:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            self.close()
+        else:
+            self._core.abort()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core.closed else "open"
+        return f"<blocking SideRunner pool_size={self.pool_size} {state}>"
