@@ -1,0 +1,27 @@
+"""Runners that are never closed: their work still runs, and failures are reported at exit."""
+
+import sys
+import time
+
+from mlworkflow_async.sync import SideRunner
+
+
+def slow(i):
+    time.sleep(0.05)
+    sys.stdout.write(f"done {i}\n")  # one write: lines from threads stay whole
+    sys.stdout.flush()
+
+
+def fail():
+    raise ValueError("failure nobody collected")
+
+
+runner = SideRunner(2)
+for i in range(4):
+    runner.do(slow, i)
+runner.do(fail)
+
+# Dropped at once: its work must run all the same.
+SideRunner(1).do(print, "dropped runner's work ran", flush=True)
+
+print("end of script", flush=True)
