@@ -11,17 +11,32 @@ from .adapters import from_sync
 from .collate import batchify, chunkify
 from .dataset import Dataset
 from .dict_dataset import DictDataset
-from .exceptions import KeysNotReadyError, SyncInLoopError
+from .exceptions import (
+    CorruptFileError,
+    KeysNotReadyError,
+    PickledFileError,
+    SyncInLoopError,
+    UnpicklableItemError,
+    UnsafePickleError,
+    UnsupportedVersionError,
+)
+from .pickled import PickledDataset
 from .side_runner import SideRunner
 from .subset import Subset
 
 __all__ = [
+    "CorruptFileError",
     "Dataset",
     "DictDataset",
     "KeysNotReadyError",
+    "PickledDataset",
+    "PickledFileError",
     "SideRunner",
     "Subset",
     "SyncInLoopError",
+    "UnpicklableItemError",
+    "UnsafePickleError",
+    "UnsupportedVersionError",
     "batchify",
     "chunkify",
     "from_sync",

@@ -8,9 +8,14 @@ naming the key that was being processed is added to them.
 from __future__ import annotations
 
 __all__ = [
+    "CorruptFileError",
     "KeysNotReadyError",
+    "PickledFileError",
     "RunnerClosedError",
     "SyncInLoopError",
+    "UnpicklableItemError",
+    "UnsafePickleError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -36,4 +41,51 @@ class RunnerClosedError(RuntimeError):
     Work can only be handed to an async runner inside its ``async with``
     block, and to a blocking runner before ``close()``. Open the runner
     first (``async with SideRunner(4) as runner: ...``), or make a new one.
+    """
+
+
+class PickledFileError(OSError):
+    """A :class:`~mlworkflow_async.PickledDataset` file cannot be read.
+
+    The base of the errors below; the message names the file (also in the
+    ``path`` attribute) and what is wrong with it.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple[type[PickledFileError], tuple[str, str | None]]:
+        return type(self), (str(self), self.path)
+
+
+class CorruptFileError(PickledFileError):
+    """The file is not a PickledDataset file, or it is truncated or damaged.
+
+    Raised for an empty or truncated file, random bytes, an index pointing
+    outside the file, a file whose writer was interrupted, or an item that
+    cannot be unpickled. Recreate the file from its source dataset.
+    """
+
+
+class UnsupportedVersionError(PickledFileError):
+    """The file was written by a newer version of mlworkflow-async.
+
+    Upgrade the library to read it.
+    """
+
+
+class UnsafePickleError(PickledFileError):
+    """In safe mode, the file asked to load something that is not allowed.
+
+    Safe mode only rebuilds builtin containers and scalars, numpy arrays and
+    the classes passed as ``allow=``. Pass the named class in ``allow`` if
+    you trust it, or open the file without ``safe=True`` if you trust the file.
+    """
+
+
+class UnpicklableItemError(TypeError):
+    """An item (or key, or context) could not be pickled while writing a file.
+
+    The message names the key; the original error is the ``__cause__``.
     """

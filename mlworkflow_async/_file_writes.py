@@ -1,0 +1,121 @@
+"""Destinations for a file being written: a temporary file renamed into place, or a file object.
+
+All methods block; callers run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Any, BinaryIO, Protocol
+
+__all__ = ["AtomicFile", "FileObject", "Sink"]
+
+_IOV_MAX = 1024
+with contextlib.suppress(AttributeError, OSError, ValueError):
+    _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+
+
+class Sink(Protocol):
+    name: str
+
+    def write(self, buffers: list[Any]) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+def _remainder(buffers: list[Any], written: int) -> list[Any]:
+    """What is left of ``buffers`` once their first ``written`` bytes are out."""
+    for index, buffer in enumerate(buffers):
+        size = len(buffer)
+        if written < size:
+            return [memoryview(buffer)[written:], *buffers[index + 1:]]
+        written -= size
+    return []
+
+
+class AtomicFile:
+    """Writes go to a temporary file next to ``path``; :meth:`commit` renames it into place.
+
+    Until then ``path`` is untouched; :meth:`discard` deletes the temporary file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        folder, base = os.path.split(os.path.abspath(path))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        while True:
+            self.temporary = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
+            try:
+                # Mode 0o666 lets the umask decide, as for any new file.
+                self._fd = os.open(self.temporary, flags, 0o666)
+                break
+            except FileExistsError:
+                continue
+        self._done = False
+
+    def write(self, buffers: list[Any]) -> None:
+        fd = self._fd
+        for start in range(0, len(buffers), _IOV_MAX):
+            part = buffers[start:start + _IOV_MAX]
+            expected = sum(map(len, part))
+            written = os.writev(fd, part)
+            while written < expected:  # short writes are rare but legal
+                part = _remainder(part, written)
+                expected -= written
+                written = os.writev(fd, part)
+
+    def commit(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._done = True
+        os.replace(self.temporary, self.name)
+        # Make the rename itself durable; not every platform can open a folder.
+        with contextlib.suppress(OSError):
+            folder = os.open(os.path.dirname(os.path.abspath(self.name)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+    def discard(self) -> None:
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temporary)
+
+
+class FileObject:
+    """Writes go straight to an open binary file; nothing can be undone."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.name = str(getattr(file, "name", repr(file)))
+        if file.seekable() and file.tell() != 0:
+            raise ValueError(
+                f"cannot write a PickledDataset into {self.name} at position {file.tell()}: "
+                f"the file object must be at its start"
+            )
+        self._file = file
+
+    def write(self, buffers: list[Any]) -> None:
+        write = self._file.write
+        for buffer in buffers:
+            written = write(buffer)
+            if written is not None and written < len(buffer):  # a raw, unbuffered file
+                view = memoryview(buffer)
+                while written < len(view):
+                    written += write(view[written:]) or 0
+
+    def commit(self) -> None:
+        self._file.flush()
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.fsync(self._file.fileno())
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._file.flush()

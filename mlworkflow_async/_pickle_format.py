@@ -1,0 +1,341 @@
+"""Encoding and decoding of the PickledDataset file format (version 1).
+
+The layout is described in the docstring of :mod:`mlworkflow_async.pickled`.
+Everything here is pure computation over bytes; reading and writing files is
+left to the callers, so that it can happen off the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._safe_unpickler import ForbiddenGlobal, Loads
+from .exceptions import (
+    CorruptFileError,
+    UnpicklableItemError,
+    UnsafePickleError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"\x89MLWDS\r\n"
+END_MAGIC = b"MLWDSEND"
+VERSION = 1
+HEADER = struct.Struct("<8sII48x")  # magic, version, flags
+TRAILER = struct.Struct("<QQI4x8s")  # index offset, index length, index crc32, end magic
+HEADER_SIZE = HEADER.size
+TRAILER_SIZE = TRAILER.size
+PROTOCOL = 5
+#: Out-of-band buffers start on this boundary, so arrays are aligned in memory.
+ALIGN = 64
+#: Buffers at least this large start on a page boundary and are mapped, not copied.
+MAP_THRESHOLD = 1 << 20
+PAGE = 4096
+_ZEROS = memoryview(bytes(PAGE))
+
+#: ``(offset, span, pickle_length, buffers)``: the item's bytes are
+#: ``[offset, offset + span)``; its pickle is the first ``pickle_length`` of
+#: them and ``buffers`` holds the ``(start, stop)`` of each out-of-band buffer
+#: relative to ``offset``, or is ``None`` when there are none.
+Entry = tuple[int, int, int, "tuple[tuple[int, int], ...] | None"]
+Read = Callable[[int, int], bytes]
+
+
+class Layout(NamedTuple):
+    """What opening a file yields: its format version (0: the original's) and index."""
+
+    version: int
+    keys: tuple[Any, ...]
+    entries: dict[Any, Entry]
+    context: dict[str, Any] | None
+
+
+def corrupt(path: str, what: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} is not a readable PickledDataset file: {what}", path)
+
+
+def item_error(path: str, key: object, exc: BaseException) -> CorruptFileError | UnsafePickleError:
+    """The error to raise when item ``key`` cannot be unpickled."""
+    if isinstance(exc, ForbiddenGlobal):
+        return UnsafePickleError(
+            f"item {key!r} of {path} wants to load {exc.module}.{exc.name}, which safe "
+            f"mode does not allow; pass it in allow=(...) if you trust it",
+            path,
+        )
+    hint = ""
+    if isinstance(exc, (ImportError, AttributeError)):
+        hint = " (is the module defining its classes importable here?)"
+    return CorruptFileError(
+        f"item {key!r} of {path} cannot be unpickled{hint}: {type(exc).__name__}: {exc}", path
+    )
+
+
+# -- writing -----------------------------------------------------------------
+
+_DTYPE_SPELLING: dict[np.dtype[Any], str | None] = {}
+
+
+def _simple_dtype(dtype: np.dtype[Any]) -> str | None:
+    """``dtype.str`` when it rebuilds ``dtype`` exactly, else None."""
+    try:
+        return _DTYPE_SPELLING[dtype]
+    except KeyError:
+        pass
+    spelled: str | None = dtype.str
+    if (
+        dtype.names is not None
+        or dtype.subdtype is not None
+        or dtype.hasobject
+        or dtype.metadata
+        or np.dtype(dtype.str) != dtype
+    ):
+        spelled = None
+    _DTYPE_SPELLING[dtype] = spelled
+    return spelled
+
+
+def _frombuffer_function() -> Any:
+    core: Any = getattr(np, "_core", None)
+    if core is None or not hasattr(core, "numeric"):  # numpy 1.x
+        import numpy.core as core
+    return core.numeric._frombuffer
+
+
+_FROMBUFFER = _frombuffer_function()
+
+
+class ItemPickler(pickle.Pickler):
+    """A protocol 5 pickler sending every contiguous numpy array out-of-band.
+
+    Plain C-contiguous arrays are rebuilt by ``numpy.frombuffer`` (1-d) or
+    numpy's own ``_frombuffer``, with the dtype spelled as a string: the
+    pickle stays readable without this library, and is quicker to write and
+    read than numpy's own reduction. Other arrays are left to numpy.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.flags.c_contiguous:
+            spelled = _simple_dtype(obj.dtype)
+            if spelled is not None:
+                buffer = pickle.PickleBuffer(obj)  # type: ignore[arg-type]
+                if obj.ndim == 1:
+                    return np.frombuffer, (buffer, spelled)
+                return _FROMBUFFER, (buffer, spelled, obj.shape, "C")
+        return NotImplemented
+
+
+class Encoder:
+    """Turns ``(key, item)`` chunks into the bytes to append, and the final index.
+
+    Not thread-safe, but not bound to a thread: chunks are encoded one after
+    the other, each possibly in a different worker thread.
+    """
+
+    def __init__(self, path: str, start: int = HEADER_SIZE) -> None:
+        self.path = path
+        self.position = start
+        self.count = 0
+        self._keys: list[Any] = []
+        self._seen: set[Any] = set()
+        self._table: list[int] = []
+        self._buffers: list[int] = []
+
+    def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
+        """Pickle ``items``; return the buffers to write, in order."""
+        stream = io.BytesIO()
+        oob: list[pickle.PickleBuffer] = []
+        pickler = ItemPickler(stream, PROTOCOL, buffer_callback=oob.append)
+        marks: list[tuple[int, int, int, int]] = []
+        seen = self._seen
+        for key, item in zip(keys, items, strict=True):
+            try:
+                if key in seen:
+                    raise ValueError(
+                        f"key {key!r} appears twice: the keys of a PickledDataset are unique"
+                    )
+                seen.add(key)
+            except TypeError:
+                raise TypeError(f"keys must be hashable, got {key!r}") from None
+            start, first = stream.tell(), len(oob)
+            try:
+                pickler.dump(item)
+            except Exception as exc:
+                raise UnpicklableItemError(
+                    f"item {key!r} cannot be pickled into {self.path}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            pickler.clear_memo()
+            marks.append((start, stream.tell(), first, len(oob)))
+        data = stream.getbuffer()
+        out: list[Any] = []
+        table, buffer_rows = self._table, self._buffers
+        pos = self.position
+        for start, stop, first, last in marks:
+            plen = stop - start
+            if first == last:
+                out.append(data[start:stop])
+                table += (pos, plen, plen, 0)
+                pos += plen
+                continue
+            pad = -pos % ALIGN
+            if pad:
+                out.append(_ZEROS[:pad])
+                pos += pad
+            base = pos
+            out.append(data[start:stop])
+            pos += plen
+            for buffer in oob[first:last]:
+                raw = buffer.raw()
+                size = raw.nbytes
+                pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
+                if pad:
+                    out.append(_ZEROS[:pad])
+                    pos += pad
+                buffer_rows += (pos - base, pos - base + size)
+                out.append(raw)
+                pos += size
+            table += (base, pos - base, plen, last - first)
+        self.position = pos
+        self._keys += keys
+        self.count += len(marks)
+        return out
+
+    def finish(self, context: Mapping[str, Any] | None) -> bytes:
+        """The index and trailer that end the file."""
+        index = {
+            "keys": self._keys,
+            "table": np.asarray(self._table, dtype="<u8").tobytes(),
+            "buffers": np.asarray(self._buffers, dtype="<u8").tobytes(),
+            "context": dict(context) if context else None,
+        }
+        try:
+            blob = pickle.dumps(index, PROTOCOL)
+        except Exception as exc:
+            raise UnpicklableItemError(
+                f"the keys or the context of the dataset cannot be pickled into "
+                f"{self.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        trailer = TRAILER.pack(self.position, len(blob), zlib.crc32(blob), END_MAGIC)
+        return blob + trailer
+
+
+def header() -> bytes:
+    return HEADER.pack(MAGIC, VERSION, 0)
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def check_header(head: bytes, path: str) -> int:
+    """The format version of a file starting with ``head``, which must begin with MAGIC."""
+    if len(head) < HEADER_SIZE:
+        raise corrupt(path, "it is truncated right after its header")
+    _, version, _ = HEADER.unpack_from(head)
+    if version > VERSION:
+        raise UnsupportedVersionError(
+            f"{path} was written by a newer version of mlworkflow-async (file format "
+            f"{version}; this version reads formats up to {VERSION}): upgrade the library",
+            path,
+        )
+    if version < 1:
+        raise corrupt(path, f"its header announces format version {version}")
+    return int(version)
+
+
+def parse(read: Read, size: int, path: str, loads: Loads) -> Layout:
+    """Read and validate the index of a version 1 file of ``size`` bytes."""
+    if size < HEADER_SIZE + TRAILER_SIZE:
+        raise corrupt(path, "it is truncated (the writer may have been interrupted)")
+    index_offset, index_length, crc, end = TRAILER.unpack(read(size - TRAILER_SIZE, TRAILER_SIZE))
+    if end != END_MAGIC:
+        raise corrupt(
+            path, "its end-of-file marker is missing: it is truncated, or its writer was "
+            "interrupted"
+        )
+    if index_offset < HEADER_SIZE or index_offset + index_length != size - TRAILER_SIZE:
+        raise corrupt(
+            path, f"its index lies outside the file (offset {index_offset}, length "
+            f"{index_length}, file size {size})"
+        )
+    blob = read(index_offset, index_length)
+    if zlib.crc32(blob) != crc:
+        raise corrupt(path, "its index is damaged (checksum mismatch)")
+    try:
+        index = loads(blob)
+    except ForbiddenGlobal as exc:
+        raise UnsafePickleError(
+            f"the keys or context of {path} want to load {exc.module}.{exc.name}, which "
+            f"safe mode does not allow; pass it in allow=(...) if you trust it",
+            path,
+        ) from None
+    except Exception as exc:
+        raise corrupt(path, f"its index cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+    return _entries_from_index(index, index_offset, path)
+
+
+def _entries_from_index(index: Any, data_end: int, path: str) -> Layout:
+    try:
+        keys = tuple(index["keys"])
+        table = np.frombuffer(index["table"], dtype="<u8").reshape(-1, 4)
+        rows = np.frombuffer(index["buffers"], dtype="<u8").reshape(-1, 2)
+        context = index["context"]
+    except Exception as exc:
+        raise corrupt(path, f"its index is malformed ({type(exc).__name__}: {exc})") from exc
+    n = len(keys)
+    if len(table) != n or (context is not None and not isinstance(context, dict)):
+        raise corrupt(path, "its index is malformed (inconsistent sizes)")
+    offsets, spans, plens, counts = (table[:, i].astype(np.int64) for i in range(4))
+    if n and (
+        (table[:, 3] > len(rows)).any()
+        or offsets.min() < HEADER_SIZE
+        or (table[:, 0] > data_end).any()
+        or (table[:, 1] > data_end).any()
+        or (offsets + spans > data_end).any()
+        or (plens > spans).any()
+        or int(counts.sum()) != len(rows)
+    ):
+        bad = _first_bad(keys, offsets, spans, plens, data_end)
+        raise corrupt(path, f"its index places item {bad!r} outside the data region")
+    if len(rows):
+        starts, stops = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        owner_span = np.repeat(spans, counts)
+        owner_plen = np.repeat(plens, counts)
+        if (
+            (rows > data_end).any()
+            or (starts < owner_plen).any()
+            or (stops < starts).any()
+            or (stops > owner_span).any()
+        ):
+            raise corrupt(path, "its index places a buffer outside its item")
+    buffer_list = rows.tolist()
+    entries: dict[Hashable, Entry] = {}
+    at = 0
+    try:
+        for key, (offset, span, plen, count) in zip(keys, table.tolist(), strict=True):
+            if count:
+                entries[key] = (
+                    offset, span, plen, tuple((a, b) for a, b in buffer_list[at:at + count])
+                )
+                at += count
+            else:
+                entries[key] = (offset, span, plen, None)
+    except TypeError as exc:  # an unhashable key
+        raise corrupt(path, f"its index is malformed ({exc})") from exc
+    if len(entries) != n:
+        raise corrupt(path, "its index lists a key twice")
+    return Layout(VERSION, keys, entries, context)
+
+
+def _first_bad(
+    keys: tuple[Any, ...], offsets: Any, spans: Any, plens: Any, data_end: int
+) -> object:
+    for key, offset, span, plen in zip(keys, offsets, spans, plens, strict=True):
+        if offset < HEADER_SIZE or offset + span > data_end or plen > span:
+            return key
+    return "?"

@@ -1,0 +1,403 @@
+"""A dataset stored in one indexed file: written atomically, read fast without blocking.
+
+:class:`PickledDataset` writes every item of a dataset into a single file and
+reads them back by key. It also reads the files of the original
+``mlworkflow`` library (see :mod:`mlworkflow_async._legacy_format`).
+
+File format (version 1)
+-----------------------
+All integers are little-endian.
+
+- Header, 64 bytes: the magic ``b"\\x89MLWDS\\r\\n"``, the format version
+  (u32, currently 1), flags (u32, 0), then zeros. A reader refuses a version
+  newer than its own.
+- Items, one after the other in key order, from offset 64. Each is a
+  pickle (protocol 5) whose numpy arrays are *out-of-band*: their raw bytes
+  follow the pickle, each starting on a 64-byte boundary (4096 bytes for
+  buffers of 1 MiB or more), padded with zeros. An item without such
+  buffers is just its pickle, unpadded.
+- Index: a pickle (protocol 5) of a dict with ``"keys"`` (the list of keys,
+  in file order), ``"table"`` (u64 ``offset, span, pickle_length,
+  buffer_count`` per key: the item occupies ``[offset, offset + span)``),
+  ``"buffers"`` (u64 ``start, stop`` per out-of-band buffer, relative to its
+  item's offset, items in order) and ``"context"`` (a dict of metadata, or
+  ``None``).
+- Trailer, the last 32 bytes: the index offset (u64) and length (u64), the
+  CRC-32 of the index (u32), 4 zero bytes, and the end magic ``b"MLWDSEND"``.
+
+A file missing its trailer was not finished. Files written to a path are
+written to a temporary file in the same folder first and renamed into place
+once complete and synced to disk, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence, Sized
+from types import TracebackType
+from typing import IO, Any, BinaryIO, cast
+
+import anyio
+import anyio.to_thread
+
+from ._file_reads import FileReader
+from ._file_writes import AtomicFile, FileObject, Sink
+from ._keys import KeySequence
+from ._pickle_format import Encoder, header
+from .dataset import Dataset
+
+__all__ = ["PickledDataset"]
+
+#: Keys fetched per ``query_items`` call while writing.
+_CHUNK = 256
+
+
+class PickledDataset(Dataset[Any, Any]):
+    """The items of a file written by :meth:`create`, read by key.
+
+    >>> import asyncio, os, tempfile
+    >>> import numpy as np
+    >>> from mlworkflow_async import DictDataset, PickledDataset
+    >>> path = os.path.join(tempfile.mkdtemp(), "squares.pkl")
+    >>> source = DictDataset({i: {"x": np.full(3, i * i)} for i in range(5)})
+    >>> asyncio.run(PickledDataset.create(source, path))
+    5
+    >>> with PickledDataset(path) as ds:
+    ...     print(len(ds), ds.sync.query_item(3))
+    5 {'x': array([9, 9, 9])}
+
+    In async code, open it with ``await PickledDataset.open(path)`` (and
+    ``async with``), which does not block the event loop. Keys, ``len()``
+    and :attr:`context` are known as soon as the file is open. Reads never
+    block the loop: items already in the page cache are read directly,
+    others in one worker thread call per batch; ``batched_queries`` is True
+    so :meth:`batches` reads whole batches at once. Any number of reads may
+    run concurrently.
+
+    With ``mmap=True`` arrays are read-only views of a memory map of the
+    file (no copy); pages of small arrays are read when first touched. By
+    default arrays are writable; those of 1 MiB or more are private
+    copy-on-write maps of the file rather than copies (prefaulted in a
+    worker thread). Never modify a file in place while it is open:
+    :meth:`create` replaces files atomically, which is safe.
+
+    **Unpickling runs code chosen by whoever wrote the file.** Only open
+    files you trust, or pass ``safe=True``: then only builtin containers and
+    scalars, numpy arrays and the classes listed in ``allow`` (key classes,
+    for instance) can be loaded, and anything else raises
+    :class:`~mlworkflow_async.exceptions.UnsafePickleError`.
+
+    A file that is empty, truncated, unfinished, damaged or not a dataset
+    file raises :class:`~mlworkflow_async.exceptions.CorruptFileError`
+    naming it; one from a newer version of the library raises
+    :class:`~mlworkflow_async.exceptions.UnsupportedVersionError`. An
+    unknown key raises ``KeyError``.
+
+    An open PickledDataset can be pickled to another process, which
+    reopens the file by path, and keeps working in a forked child.
+    """
+
+    batched_queries = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = False,
+        safe: bool = False,
+        allow: Iterable[object] = (),
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"PickledDataset opens a file by its path (str or os.PathLike), got {path!r}"
+            )
+        allowed = tuple(allow)
+        self._options: dict[str, Any] = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed}
+        self._reader = FileReader(
+            os.fspath(path), use_mmap=bool(mmap), safe=bool(safe), allow=allowed
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = False,
+        safe: bool = False,
+        allow: Iterable[object] = (),
+    ) -> PickledDataset:
+        """Open ``path`` like the constructor, reading its index in a worker thread."""
+        allow = tuple(allow)
+
+        def construct() -> PickledDataset:
+            return cls(path, mmap=mmap, safe=safe, allow=allow)
+
+        return await anyio.to_thread.run_sync(construct)
+
+    # -- what the file holds -------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The path the file was opened from."""
+        return self._reader.path
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The metadata stored with the items (the source dataset's ``context``)."""
+        return dict(self._reader.layout.context or {})
+
+    @property
+    def format_version(self) -> int:
+        """The file's format version; 0 for a file of the original ``mlworkflow``."""
+        return self._reader.layout.version
+
+    @property
+    def file_size(self) -> int:
+        """The size of the file in bytes, when it was opened."""
+        return self._reader.size
+
+    def yield_keys(self) -> tuple[Any, ...]:
+        return self._reader.layout.keys
+
+    async def query_item(self, key: Any) -> Any:
+        return (await self._reader.query((key,)))[0]
+
+    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
+        """The items of ``keys`` in order, read in one go (one thread call at most)."""
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        return await self._reader.query(keys)
+
+    # -- life cycle ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the file; reads in progress finish first. Arrays already read stay valid."""
+        self._reader.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.closed
+
+    def __enter__(self) -> PickledDataset:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> PickledDataset:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        reader = self.__dict__.get("_reader")
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                reader.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Another process reopens the file by path; descriptors do not travel.
+        return {"path": self.path, **self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"]
+        )
+
+    def __repr__(self) -> str:
+        kind = f"format {self.format_version}" if self.format_version else "original mlworkflow"
+        state = ", closed" if self.closed else ""
+        return f"<PickledDataset {self.path!r}: {len(self)} items, {kind}{state}>"
+
+    # -- writing -------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        dataset: Any,
+        path: str | os.PathLike[str] | IO[bytes],
+        keys: Iterable[Any] | AsyncIterable[Any] | None = None,
+        *,
+        concurrency: int = 256,
+        progress: bool = False,
+    ) -> int:
+        """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
+
+        Returns the number of items written. Items are fetched with
+        ``dataset.query_items`` on chunks of keys, up to ``concurrency`` at
+        a time, and written in key order; pickling and writing happen in a
+        worker thread. The dataset's ``context`` mapping, if any, is stored.
+        A blocking dataset (such as an original ``mlworkflow`` one) is
+        wrapped with :func:`~mlworkflow_async.from_sync`.
+
+        ``path`` is written atomically: the data goes to a temporary file in
+        the same folder, synced, then renamed to ``path``. On an error,
+        cancellation or Ctrl-C the temporary file is removed and any
+        previous file at ``path`` is left as it was. ``path`` may instead be
+        a binary file object open for writing, at its start; it is written
+        directly, so an interrupted write leaves it partial (and unreadable:
+        readers detect it).
+
+        ``progress=True`` shows a progress bar if ``tqdm`` is installed.
+        An item that cannot be pickled raises
+        :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        dataset = _as_dataset(dataset)
+        source: Iterable[Any] | AsyncIterable[Any] = dataset.keys if keys is None else keys
+        context = getattr(dataset, "context", None)
+        if not isinstance(context, Mapping):
+            context = None
+        chunk = min(concurrency, _CHUNK)
+        ahead = max(1, concurrency // chunk)
+
+        def open_sink() -> Sink:
+            sink: Sink
+            if isinstance(path, (str, os.PathLike)):
+                sink = AtomicFile(os.fspath(path))
+            elif hasattr(path, "write"):
+                sink = FileObject(cast(BinaryIO, path))
+            else:
+                raise TypeError(f"create() writes to a path or a binary file object, got {path!r}")
+            try:
+                sink.write([header()])
+            except BaseException:
+                sink.discard()
+                raise
+            return sink
+
+        sink = await anyio.to_thread.run_sync(open_sink)
+        encoder = Encoder(sink.name)
+        bar = _progress_bar(progress, _known_length(source), sink.name)
+        committed = False
+        try:
+            async with contextlib.aclosing(_fetch(dataset, source, chunk, ahead)) as fetched:
+                async for chunk_keys, items in fetched:
+                    await anyio.to_thread.run_sync(_write_chunk, encoder, sink, chunk_keys, items)
+                    if bar is not None:
+                        bar.update(len(chunk_keys))
+            await anyio.to_thread.run_sync(_finish, encoder, sink, context)
+            committed = True
+        finally:
+            if not committed:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(sink.discard)
+            if bar is not None:
+                bar.close()
+        return encoder.count
+
+
+# -- helpers for create ------------------------------------------------------
+
+
+def _as_dataset(dataset: Any) -> Dataset[Any, Any]:
+    if isinstance(dataset, Dataset):
+        return dataset
+    if callable(getattr(dataset, "query_item", None)) and callable(
+        getattr(dataset, "yield_keys", None)
+    ):
+        from .adapters import from_sync
+
+        return from_sync(dataset)
+    raise TypeError(f"create() needs a dataset, got {dataset!r}")
+
+
+def _known_length(source: object) -> int | None:
+    if isinstance(source, KeySequence):
+        return len(source) if source.complete else None
+    return len(source) if isinstance(source, Sized) else None
+
+
+async def _chunks(
+    source: Iterable[Any] | AsyncIterable[Any], size: int
+) -> AsyncGenerator[list[Any], None]:
+    chunk: list[Any] = []
+    if isinstance(source, AsyncIterable):
+        async for key in source:
+            chunk.append(key)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    else:
+        for key in source:
+            chunk.append(key)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _fetch(
+    dataset: Dataset[Any, Any],
+    source: Iterable[Any] | AsyncIterable[Any],
+    size: int,
+    ahead: int,
+) -> AsyncGenerator[tuple[list[Any], list[Any]], None]:
+    """Yield ``(keys, items)`` chunks in order, fetching up to ``ahead`` chunks at once."""
+    pending: deque[tuple[list[Any], asyncio.Task[list[Any]]]] = deque()
+    chunks = _chunks(source, size)
+    exhausted = False
+
+    async def fetch(chunk_keys: list[Any]) -> list[Any]:
+        return list(await dataset.query_items(chunk_keys))
+
+    async def fill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(pending) < ahead:
+            try:
+                chunk_keys = await anext(chunks)
+            except StopAsyncIteration:
+                exhausted = True
+                return
+            pending.append((chunk_keys, asyncio.ensure_future(fetch(chunk_keys))))
+
+    try:
+        while True:
+            await fill()
+            if not pending:
+                return
+            chunk_keys, task = pending.popleft()
+            items = await task
+            await fill()  # the next chunks load while this one is written
+            if len(items) != len(chunk_keys):
+                raise ValueError(
+                    f"{type(dataset).__name__}.query_items returned {len(items)} items "
+                    f"for {len(chunk_keys)} keys"
+                )
+            yield chunk_keys, items
+    finally:
+        for _, task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        await chunks.aclose()
+
+
+def _write_chunk(encoder: Encoder, sink: Sink, keys: list[Any], items: list[Any]) -> None:
+    sink.write(encoder.encode(keys, items))
+
+
+def _finish(encoder: Encoder, sink: Sink, context: Mapping[str, Any] | None) -> None:
+    sink.write([encoder.finish(context)])
+    sink.commit()
+
+
+def _progress_bar(enabled: bool, total: int | None, name: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="item", desc=os.path.basename(name) or name)
+
