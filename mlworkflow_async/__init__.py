@@ -8,6 +8,8 @@
 """
 
 from .adapters import from_sync
+from .augmented import AugmentedDataset
+from .cached import CachedDataset
 from .collate import batchify, chunkify
 from .dataset import Dataset
 from .dict_dataset import DictDataset
@@ -20,20 +22,26 @@ from .exceptions import (
     UnsafePickleError,
     UnsupportedVersionError,
 )
+from .filtered import FilteredDataset
 from .pickled import PickledDataset
 from .side_runner import SideRunner
 from .subset import Subset
+from .transformed import TransformedDataset
 
 __all__ = [
+    "AugmentedDataset",
+    "CachedDataset",
     "CorruptFileError",
     "Dataset",
     "DictDataset",
+    "FilteredDataset",
     "KeysNotReadyError",
     "PickledDataset",
     "PickledFileError",
     "SideRunner",
     "Subset",
     "SyncInLoopError",
+    "TransformedDataset",
     "UnpicklableItemError",
     "UnsafePickleError",
     "UnsupportedVersionError",

@@ -1,0 +1,223 @@
+"""An in-memory memo with single-flight loading and an optional LRU bound.
+
+Shared by the combinators that promise to fetch something once: the first
+task to miss a key loads it; tasks asking for the same key meanwhile wait
+for that load instead of starting their own. Nothing here is bound to an
+event loop: waiters create their futures on whichever loop is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+__all__ = ["MISSING", "Memo"]
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class _Missing(enum.Enum):
+    MISSING = 0
+
+
+#: Returned by :meth:`Memo.lookup` on a miss (values themselves may be None).
+MISSING = _Missing.MISSING
+
+
+class _Abandoned(Exception):
+    """The loading task was cancelled; a waiter should load by itself."""
+
+
+class _Flight(Generic[K, T]):
+    """One load in progress, of one key or of a batch of keys."""
+
+    __slots__ = ("abandoned", "error", "fetched", "keys", "settled", "waiters")
+
+    def __init__(self, keys: list[K]) -> None:
+        self.keys = keys
+        self.fetched: Sequence[T] = ()
+        self.settled = False
+        self.abandoned = False
+        self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    def settle(self, fetched: Sequence[T], error: BaseException | None) -> None:
+        self.settled = True
+        self.fetched = fetched
+        if error is not None:
+            if isinstance(error, Exception):
+                self.error = error
+            else:
+                # Cancellation or interpreter exit concern the loader only;
+                # the waiters retry on their own instead of inheriting it.
+                self.abandoned = True
+        waiters, self.waiters = self.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, key: K) -> T:
+        if not self.settled:
+            waiter = asyncio.get_running_loop().create_future()
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append(waiter)
+            await waiter
+        if self.error is not None:
+            raise self.error
+        if self.abandoned:
+            raise _Abandoned
+        # Only waiters pay for finding their key in the batch.
+        return self.fetched[self.keys.index(key)]
+
+
+class Memo(Generic[K, T]):
+    """Values by key, each loaded once, optionally keeping only ``maxsize`` of them.
+
+    When bounded, the least recently used value goes first, or with
+    ``lru=False`` the least recently loaded one: better for values read in
+    the order they were loaded, as reading them does not keep them alive.
+    """
+
+    __slots__ = ("_data", "_flights", "_lru", "maxsize")
+
+    def __init__(self, maxsize: int | None = None, lru: bool = True) -> None:
+        if maxsize is not None and maxsize < 1:
+            raise ValueError(f"maxsize must be None (unbounded) or at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._lru = lru and maxsize is not None
+        self._data: dict[K, T] = OrderedDict() if maxsize is not None else {}
+        self._flights: dict[K, _Flight[K, T]] = {}
+
+    @property
+    def data(self) -> Mapping[K, T]:
+        """The values held now (reading it does not refresh recency)."""
+        return self._data
+
+    def lookup(self, key: K) -> T | _Missing:
+        value = self._data.get(key, MISSING)
+        if self._lru and value is not MISSING:
+            self._data.move_to_end(key)  # type: ignore[attr-defined]
+        return value
+
+    def _trim(self) -> None:
+        data = self._data
+        maxsize = self.maxsize
+        if maxsize is not None and len(data) > maxsize:
+            pop = data.popitem
+            for _ in range(len(data) - maxsize):
+                pop(last=False)  # type: ignore[call-arg]
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    async def load(self, key: K, fetch: Callable[[K], Awaitable[T]]) -> T:
+        """The value of ``key``, from memory, from a load in flight, or from ``fetch(key)``."""
+        while True:
+            value = self.lookup(key)
+            if value is not MISSING:
+                return value
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            try:
+                return await flight.wait(key)
+            except _Abandoned:
+                continue
+        flight = self._flights[key] = _Flight([key])
+        try:
+            value = await fetch(key)
+        except BaseException as exc:
+            del self._flights[key]
+            flight.settle((), exc)
+            raise
+        data = self._data
+        data[key] = value
+        if self.maxsize is not None and len(data) > self.maxsize:
+            data.popitem(last=False)  # type: ignore[call-arg]
+        del self._flights[key]
+        flight.settle((value,), None)
+        return value
+
+    async def load_many(
+        self, keys: Sequence[K], fetch_many: Callable[[list[K]], Awaitable[Sequence[T]]]
+    ) -> list[T]:
+        """The values of ``keys``; the ones nobody holds or loads come from one ``fetch_many``."""
+        data = self._data
+        get = data.get
+        values: list[Any] = [get(key, MISSING) for key in keys]
+        missing = [index for index, value in enumerate(values) if value is MISSING]
+        if self._lru and len(missing) < len(values):
+            refresh = data.move_to_end  # type: ignore[attr-defined]
+            for key, value in zip(keys, values, strict=True):
+                if value is not MISSING:
+                    refresh(key)
+        if not missing:
+            return values
+        flights = self._flights
+        flight: _Flight[K, T]
+        waits: list[tuple[int, _Flight[K, T]]] = []
+        mine = list(dict.fromkeys([keys[index] for index in missing]))
+        if not flights and len(mine) == len(missing):
+            # Nothing else loading and no repeated key: register in bulk.
+            mine_at = missing
+            flight = _Flight(mine)
+            flights.update(dict.fromkeys(mine, flight))
+        else:
+            mine, mine_at = [], []
+            flight = _Flight(mine)
+            for index in missing:
+                key = keys[index]
+                other = flights.get(key)
+                if other is not None:
+                    waits.append((index, other))
+                else:
+                    flights[key] = flight
+                    mine.append(key)
+                    mine_at.append(index)
+        if mine:
+            try:
+                fetched = await fetch_many(mine)
+                if len(fetched) != len(mine):
+                    raise RuntimeError(
+                        f"fetching {len(mine)} values returned {len(fetched)}: "
+                        f"query_items() must return one item per key, in order"
+                    )
+            except BaseException as exc:
+                self._land(mine)
+                flight.settle((), exc)
+                raise
+            data.update(zip(mine, fetched, strict=True))
+            self._trim()
+            self._land(mine)
+            flight.settle(fetched, None)
+            for index, value in zip(mine_at, fetched, strict=True):
+                values[index] = value
+        for index, other in waits:
+            key = keys[index]
+            try:
+                values[index] = await other.wait(key)
+            except _Abandoned:
+                values[index] = (await self.load_many([key], fetch_many))[0]
+        return values
+
+    def _land(self, mine: list[K]) -> None:
+        """Unregister the loads of ``mine``, which are all still registered."""
+        flights = self._flights
+        if len(flights) == len(mine):
+            flights.clear()  # they are the only ones
+        else:
+            for key in mine:
+                del flights[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loads in flight belong to a running loop; only settled values travel.
+        return {"maxsize": self.maxsize, "lru": self._lru, "data": dict(self._data)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["maxsize"], state["lru"])  # type: ignore[misc]
+        self._data.update(state["data"])

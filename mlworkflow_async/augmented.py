@@ -1,0 +1,227 @@
+"""A dataset deriving any number of child items from each item of another."""
+
+from __future__ import annotations
+
+import inspect
+from abc import abstractmethod
+from collections.abc import AsyncIterable, Hashable, Iterable, Sequence
+from operator import itemgetter
+from typing import Any, TypeVar
+
+from ._amap import map_concurrently
+from ._callables import is_async_callable
+from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, flatten_chunks
+from ._keys import KeySequence
+from ._memo import MISSING, Memo
+from .dataset import Dataset
+
+__all__ = ["AugmentedDataset"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_FIRST_CHUNK = 8
+
+
+class AugmentedDataset(Dataset[K, V]):
+    """Zero, one or many child items made from each root item of ``parent``.
+
+    Subclasses implement :meth:`augment`, a generator (sync or async) of
+    ``(child_key, child_item)`` pairs for one root. Each child key must lead
+    back to its root through :meth:`root_key`, which by default takes
+    ``child_key[0]``.
+
+    >>> import asyncio
+    >>> from mlworkflow_async import DictDataset
+    >>> class Doubled(AugmentedDataset):
+    ...     def augment(self, root_key, root_item):
+    ...         yield (root_key, "same"), root_item
+    ...         yield (root_key, "reversed"), root_item[::-1]
+    >>> ds = Doubled(DictDataset({1: "ab", 2: "cd"}))
+    >>> async def main():
+    ...     return [(key, await ds.query_item(key)) async for key in ds.keys]
+    >>> asyncio.run(main())  # doctest: +NORMALIZE_WHITESPACE
+    [((1, 'same'), 'ab'), ((1, 'reversed'), 'ba'),
+     ((2, 'same'), 'cd'), ((2, 'reversed'), 'dc')]
+
+    A root is fetched and augmented once for all its children, concurrent
+    queries included, and its children are kept while it is among the
+    ``cached_roots`` most recently augmented roots; an older root is fetched
+    and augmented again if asked for. ``len()`` works once all keys are known.
+    """
+
+    def __init__(self, parent: Dataset[Any, Any], *, cached_roots: int = 128) -> None:
+        if cached_roots < 1:
+            raise ValueError(f"cached_roots must be at least 1, got {cached_roots}")
+        self.parent = parent
+        # Oldest loaded first out: children are mostly read in the order their
+        # roots were loaded, and a root read already should not outlive one
+        # whose children are still to be read.
+        self._roots: Memo[Any, dict[K, V]] = Memo(cached_roots, lru=False)
+        # Decided once: a plain generator is then run inline, without awaiting.
+        self._async_augment = is_async_callable(self.augment) or inspect.isasyncgenfunction(
+            self.augment
+        )
+        self._roots_checked = False
+
+    @abstractmethod
+    def augment(
+        self, root_key: Any, root_item: Any
+    ) -> Iterable[tuple[K, V]] | AsyncIterable[tuple[K, V]]:
+        """Generate the ``(child_key, child_item)`` pairs of one root item."""
+
+    def root_key(self, key: K) -> Any:
+        """The key of the root item ``key`` derives from: ``key[0]`` by default."""
+        return key[0]  # type: ignore[index]
+
+    @property
+    def batched_queries(self) -> bool:  # type: ignore[override]
+        # query_items() groups children by root and fetches the missing roots
+        # in one parent call: whole batches are always cheaper than items.
+        return True
+
+    @property
+    def context(self) -> Any:
+        """The parent's ``context`` (metadata stored along a dataset), or None."""
+        return getattr(self.parent, "context", None)
+
+    # -- augmenting ------------------------------------------------------
+
+    def _check_roots(self, root_key: Any, children: dict[K, V]) -> None:
+        """Fail early, on the first augmented root, if root_key() does not match augment()."""
+        root_of = self.root_key
+        for child_key in children:
+            try:
+                found = root_of(child_key)
+            except Exception as exc:
+                exc.add_note(
+                    f"{type(self).__name__}.root_key() failed on child key {child_key!r} "
+                    f"of root key {root_key!r}; override root_key() to match augment()"
+                )
+                raise
+            if found != root_key:
+                raise ValueError(
+                    f"{type(self).__name__}.augment() made child key {child_key!r} from root "
+                    f"key {root_key!r}, but root_key() maps that child to {found!r}; "
+                    f"override root_key() to match augment()"
+                )
+        if children:
+            # One root shows whether the two agree; checking every child would
+            # cost a call each, and a later mismatch still fails at query time.
+            self._roots_checked = True
+
+    def _note(self, exc: BaseException, root_key: Any) -> None:
+        exc.add_note(f"while augmenting root key {root_key!r} in {type(self).__name__}.augment()")
+
+    def _not_pairs(self, made: object) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__}.augment() returned {type(made).__name__}; it must be a "
+            f"generator or an async generator of (child_key, child_item) pairs"
+        )
+
+    def _expand_sync(self, root_key: Any, root_item: Any) -> dict[K, V]:
+        """The children of one root, by child key, in the order ``augment`` made them."""
+        try:
+            made = self.augment(root_key, root_item)
+            try:
+                pairs = iter(made)  # type: ignore[arg-type]
+            except TypeError:
+                raise self._not_pairs(made) from None
+            children = dict(pairs)
+        except Exception as exc:
+            self._note(exc, root_key)
+            raise
+        if not self._roots_checked:
+            self._check_roots(root_key, children)
+        return children
+
+    async def _expand(self, root_key: Any, root_item: Any) -> dict[K, V]:
+        if not self._async_augment:
+            return self._expand_sync(root_key, root_item)
+        try:
+            made: Any = self.augment(root_key, root_item)
+            if inspect.isawaitable(made):
+                made = await made
+            if isinstance(made, AsyncIterable):
+                children = {child_key: child async for child_key, child in made}
+            elif isinstance(made, Iterable):
+                children = dict(made)
+            else:
+                raise self._not_pairs(made)
+        except Exception as exc:
+            self._note(exc, root_key)
+            raise
+        if not self._roots_checked:
+            self._check_roots(root_key, children)
+        return children
+
+    async def _load_root(self, root_key: Any) -> dict[K, V]:
+        root_item = await self.parent.query_item(root_key)
+        if self._async_augment:
+            return await self._expand(root_key, root_item)
+        return self._expand_sync(root_key, root_item)
+
+    async def _load_roots(self, root_keys: list[Any]) -> list[dict[K, V]]:
+        items = await self.parent.query_items(root_keys)
+        if not self._async_augment:
+            expand = self._expand_sync
+            return [expand(key, item) for key, item in zip(root_keys, items, strict=True)]
+        pairs = list(zip(root_keys, items, strict=True))
+        return await map_concurrently(lambda pair: self._expand(*pair), pairs)
+
+    # -- keys ------------------------------------------------------------
+
+    @property
+    def keys(self) -> KeySequence[K]:
+        keys: KeySequence[K] | None = self.__dict__.get("_mlworkflow_keys")
+        if keys is None:
+            keys = ChunkedKeySequence(self._key_chunks, type(self).__name__)
+            self.__dict__["_mlworkflow_keys"] = keys
+        return keys
+
+    def _key_chunks(self) -> DerivedKeyChunks[K]:
+        # Children of a chunk of roots must still be held when they are queried.
+        largest = max(1, (self._roots.maxsize or 2) // 2)
+        return DerivedKeyChunks(self.parent.keys, self._children_keys, _FIRST_CHUNK, largest)
+
+    def yield_keys(self) -> Any:
+        return flatten_chunks(self._key_chunks())
+
+    async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
+        groups = await self._roots.load_many(list(root_keys), self._load_roots)
+        return [child_key for children in groups for child_key in children]
+
+    # -- items -----------------------------------------------------------
+
+    def _unknown(self, key: K, root_key: Any) -> KeyError:
+        return KeyError(
+            f"{key!r} is not a key of this {type(self).__name__}: augment() does not "
+            f"make it from root key {root_key!r} (the root its root_key() names)"
+        )
+
+    async def query_item(self, key: K) -> V:
+        root_key = self.root_key(key)
+        children = self._roots.lookup(root_key)
+        if children is MISSING:
+            children = await self._roots.load(root_key, self._load_root)
+        try:
+            return children[key]
+        except KeyError:
+            raise self._unknown(key, root_key) from None
+
+    async def query_items(self, keys: Sequence[K]) -> list[V]:
+        keys = list(keys)
+        if type(self).root_key is AugmentedDataset.root_key:
+            root_keys = list(map(itemgetter(0), keys))  # type: ignore[arg-type]
+        else:
+            root_keys = list(map(self.root_key, keys))
+        unique = list(dict.fromkeys(root_keys))
+        groups = dict(zip(unique, await self._roots.load_many(unique, self._load_roots),
+                          strict=True))
+        items: list[V] = []
+        for key, root_key in zip(keys, root_keys, strict=True):
+            try:
+                items.append(groups[root_key][key])
+            except KeyError:
+                raise self._unknown(key, root_key) from None
+        return items

@@ -1,0 +1,280 @@
+"""A dataset keeping the items of another that pass a predicate."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from itertools import compress
+from types import CoroutineType
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ._amap import map_concurrently
+from ._batching import add_key_note
+from ._callables import describe, is_async_callable, positional_arity
+from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, flatten_chunks
+from ._keys import KeySequence
+from ._memo import MISSING
+from .dataset import Dataset
+
+__all__ = ["FilteredDataset"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Parent keys judged per step of key discovery: small at first so the first
+# keys come quickly, larger later to amortise the per-step cost.
+_FIRST_CHUNK = 16
+_KEY_CHUNK = 1024
+
+
+class FilteredDataset(Dataset[K, V]):
+    """The keys and items of ``parent`` that ``predicate`` keeps.
+
+    A one-argument predicate is called with the key only, so filtering never
+    fetches an item: prefer it when the key says enough. A two-argument
+    predicate is called with ``(key, item)``. Either may be a plain function
+    or an ``async def``, and must return a bool (numpy bools are fine);
+    ``keep_positive=False`` keeps the items it rejects instead.
+
+    >>> import asyncio
+    >>> from mlworkflow_async import DictDataset
+    >>> parent = DictDataset({1: "a", 2: "b", 3: "c", 4: "d"})
+    >>> by_key = FilteredDataset(parent, lambda k: k % 2 == 0)
+    >>> by_pair = FilteredDataset(parent, lambda k, v: v in "ac")
+    >>> async def main():
+    ...     return await by_key.keys.all(), await by_pair.query_items(await by_pair.keys.all())
+    >>> asyncio.run(main())
+    ((2, 4), ['a', 'c'])
+
+    Keys are discovered lazily, so ``len()`` works once they all are. Items
+    a pair predicate has fetched to judge are held, at most
+    ``buffer_size`` of them, until they are queried once, so iterating keys
+    then querying them fetches each item once.
+    """
+
+    def __init__(
+        self,
+        parent: Dataset[K, V],
+        predicate: Callable[..., bool | Awaitable[bool]],
+        keep_positive: bool = True,
+        *,
+        buffer_size: int = 256,
+    ) -> None:
+        arity = positional_arity(predicate)
+        if arity not in (1, 2):
+            found = "a variable number of" if arity is None else str(arity)
+            raise TypeError(
+                f"the predicate of a FilteredDataset takes the key (one argument) or the key "
+                f"and the item (two arguments), but {describe(predicate)} takes {found} "
+                f"positional arguments; wrap it, e.g. `lambda key, item: ...`"
+            )
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be at least 0, got {buffer_size}")
+        self.parent = parent
+        self.predicate = predicate
+        self.keep_positive = bool(keep_positive)
+        #: True when the predicate judges ``(key, item)`` pairs, False for keys only.
+        self.by_pairs = arity == 2
+        self.buffer_size = buffer_size
+        self._async = is_async_callable(predicate)
+        self._sync_keys = not self._async and not self.by_pairs
+        self._pending: OrderedDict[K, V] = OrderedDict()
+
+    @property
+    def batched_queries(self) -> bool:  # type: ignore[override]
+        return self.parent.batched_queries
+
+    @property
+    def context(self) -> Any:
+        """The parent's ``context`` (metadata stored along a dataset), or None."""
+        return getattr(self.parent, "context", None)
+
+    # -- judging ---------------------------------------------------------
+
+    def _verdict(self, key: K, result: object) -> bool:
+        """``result`` as a bool; the fast path (a real bool) is inlined by callers."""
+        if result is True or result is False:
+            return result
+        if isinstance(result, np.bool_):
+            return bool(result)
+        if type(result) is CoroutineType:
+            result.close()
+            raise TypeError(
+                f"the predicate {describe(self.predicate)} returned a coroutine for key "
+                f"{key!r}: declare it `async def` so that the dataset awaits it"
+            )
+        raise TypeError(
+            f"the predicate {describe(self.predicate)} returned a {type(result).__name__} "
+            f"for key {key!r}, but it must return a bool; convert explicitly, e.g. "
+            f"`lambda k: bool(...)`, if truthiness is really meant"
+        )
+
+    def _note(self, exc: BaseException, key: K) -> None:
+        exc.add_note(f"raised by predicate {describe(self.predicate)}")
+        add_key_note(exc, key, self)
+
+    def _keeps_sync(self, key: K, *item: Any) -> bool:
+        try:
+            result = self.predicate(key, *item)
+            if result is not True and result is not False:
+                result = self._verdict(key, result)
+        except Exception as exc:
+            self._note(exc, key)
+            raise
+        return result is self.keep_positive
+
+    async def _keeps(self, key: K, *item: Any) -> bool:
+        if not self._async:
+            return self._keeps_sync(key, *item)
+        try:
+            result = await self.predicate(key, *item)  # type: ignore[misc]
+            if result is not True and result is not False:
+                result = self._verdict(key, result)
+        except Exception as exc:
+            self._note(exc, key)
+            raise
+        return result is self.keep_positive
+
+    def _judge_sync(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
+        """Keep or not, for many keys at once: the hot path, kept inline."""
+        predicate, keep = self.predicate, self.keep_positive
+        verdicts: list[bool] = []
+        key: Any = None
+        try:
+            if items is None:
+                for key in keys:
+                    result = predicate(key)
+                    if result is not True and result is not False:
+                        result = self._verdict(key, result)
+                    verdicts.append(result is keep)
+            else:
+                for key, item in zip(keys, items, strict=True):
+                    result = predicate(key, item)
+                    if result is not True and result is not False:
+                        result = self._verdict(key, result)
+                    verdicts.append(result is keep)
+        except Exception as exc:
+            self._note(exc, key)
+            raise
+        return verdicts
+
+    async def _keeps_all(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
+        if not self._async:
+            return self._judge_sync(keys, items)
+        if items is None:
+            return await map_concurrently(self._keeps, keys)
+        pairs = list(zip(keys, items, strict=True))
+        return await map_concurrently(lambda pair: self._keeps(*pair), pairs)
+
+    def _rejected(self, key: K) -> KeyError:
+        return KeyError(
+            f"{key!r} is not a key of this FilteredDataset: "
+            f"its predicate {describe(self.predicate)} filters it out"
+        )
+
+    # -- keys ------------------------------------------------------------
+
+    @property
+    def keys(self) -> KeySequence[K]:
+        keys: KeySequence[K] | None = self.__dict__.get("_mlworkflow_keys")
+        if keys is None:
+            keys = ChunkedKeySequence(self._key_chunks, type(self).__name__)
+            self.__dict__["_mlworkflow_keys"] = keys
+        return keys
+
+    def _key_chunks(self) -> DerivedKeyChunks[K]:
+        if self.by_pairs:
+            # Items judged are held until queried: keep a chunk well within the buffer.
+            return DerivedKeyChunks(
+                self.parent.keys, self._vet_pairs, _FIRST_CHUNK, self.buffer_size // 2
+            )
+        return DerivedKeyChunks(self.parent.keys, self._vet_keys, _FIRST_CHUNK, _KEY_CHUNK)
+
+    def yield_keys(self) -> Any:
+        return flatten_chunks(self._key_chunks())
+
+    async def _vet_keys(self, keys: Sequence[K]) -> list[K]:
+        return list(compress(keys, await self._keeps_all(keys, None)))
+
+    async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
+        items = await self.parent.query_items(keys)
+        verdicts = await self._keeps_all(keys, items)
+        kept: list[K] = []
+        pending = self._pending
+        for key, item, keep in zip(keys, items, verdicts, strict=True):
+            if keep:
+                kept.append(key)
+                if self.buffer_size:
+                    pending[key] = item
+        while len(pending) > self.buffer_size:
+            pending.popitem(last=False)
+        return kept
+
+    # -- items -----------------------------------------------------------
+
+    async def query_item(self, key: K) -> V:
+        if self._sync_keys:
+            # Inline: the hot path of key predicates.
+            try:
+                result = self.predicate(key)
+            except Exception as exc:
+                self._note(exc, key)
+                raise
+            keep = self.keep_positive
+            if result is not keep and (
+                # The opposite bool rejects; anything else must convert to `keep`.
+                result is True or result is False or self._verdict(key, result) is not keep
+            ):
+                raise self._rejected(key)
+            try:
+                return await self.parent.query_item(key)
+            except KeyError as exc:
+                add_key_note(exc, key, self)
+                raise
+        if self.by_pairs:
+            held = self._pending.pop(key, MISSING)
+            if held is not MISSING:
+                return held
+            try:
+                item = await self.parent.query_item(key)
+            except KeyError as exc:
+                add_key_note(exc, key, self)
+                raise
+            if not await self._keeps(key, item):
+                raise self._rejected(key)
+            return item
+        if not (self._keeps_sync(key) if not self._async else await self._keeps(key)):
+            raise self._rejected(key)
+        try:
+            return await self.parent.query_item(key)
+        except KeyError as exc:
+            add_key_note(exc, key, self)
+            raise
+
+    async def query_items(self, keys: Sequence[K]) -> list[V]:
+        keys = list(keys)
+        if not self.by_pairs:
+            verdicts = await self._keeps_all(keys, None)
+            if not all(verdicts):
+                raise self._rejected(keys[verdicts.index(False)])
+            return await self.parent.query_items(keys)
+        results: list[Any] = [MISSING] * len(keys)
+        missing: list[int] = []
+        pending = self._pending
+        for index, key in enumerate(keys):
+            held = pending.pop(key, MISSING)
+            if held is MISSING:
+                missing.append(index)
+            else:
+                results[index] = held
+        if missing:
+            fetch = [keys[i] for i in missing]
+            items = await self.parent.query_items(fetch)
+            verdicts = await self._keeps_all(fetch, items)
+            for index, key, item, keep in zip(missing, fetch, items, verdicts, strict=True):
+                if not keep:
+                    raise self._rejected(key)
+                results[index] = item
+        return results
