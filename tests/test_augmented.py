@@ -71,7 +71,7 @@ async def test_batches_fetch_each_root_once() -> None:
     parent = Counting({i: str(i) for i in range(300)})
     dataset = PermutingDataset(parent)
     seen = []
-    async for keys, batch in dataset.batches(16, wrapper=list):
+    async for _, batch in dataset.batches(16, wrapper=list):
         seen.extend(batch)
     assert seen == [f"{i}{s}" for i in range(300) for s in "ab"]
     assert set(parent.fetches.values()) == {1}

@@ -1,0 +1,153 @@
+"""Chains of combinators: laziness, depth, lengths, bulk parents, pickling."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from mlworkflow_async import (
+    AugmentedDataset,
+    CachedDataset,
+    Dataset,
+    DictDataset,
+    FilteredDataset,
+    KeysNotReadyError,
+    Subset,
+    TransformedDataset,
+)
+from tests._datasets import Counting, Endless, EndlessAsync
+
+SEED = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e", 6: "f"}
+
+
+class PermutingDataset(AugmentedDataset[Any, Any]):
+    def augment(self, root_key: Any, root_item: Any) -> Iterator[tuple[Any, Any]]:
+        yield (root_key, 0), root_item
+        yield (root_key, 1), root_item
+
+
+def even(key: int) -> bool:
+    return key % 2 == 0
+
+
+def add_one(key: Any, item: int) -> int:
+    return item + 1
+
+
+def build_chain(parent: Dataset[Any, Any]) -> Dataset[Any, Any]:
+    filtered = FilteredDataset(parent, even)
+    transformed = TransformedDataset(filtered, [add_one])
+    return CachedDataset(PermutingDataset(transformed))
+
+
+@pytest.mark.parametrize("source", [Endless, EndlessAsync])
+async def test_chains_over_endless_keys_are_lazy_and_stream(source: type) -> None:
+    with anyio.fail_after(5):
+        chain = build_chain(source())  # builds nothing
+        pair_filtered = FilteredDataset(source(), lambda k, v: v % 3 == 0)
+        async with chain.batches(4, wrapper=list) as batches:
+            keys, batch = await anext(batches)
+        assert keys == [(0, 0), (0, 1), (2, 0), (2, 1)]
+        assert batch == [1, 1, 21, 21]
+        async with pair_filtered.batches(3, wrapper=list) as batches:
+            assert (await anext(batches))[1] == [0, 30, 60]
+        with pytest.raises(KeysNotReadyError):
+            len(chain)
+
+
+async def test_seed_chain() -> None:
+    parent = DictDataset(SEED)
+    dataset = TransformedDataset(
+        PermutingDataset(FilteredDataset(parent, lambda k, v: k % 2 == 0)),
+        [lambda k, v: v.upper() + str(k[1])],
+    )
+    items = [await dataset.query_item(key) async for key in dataset.keys]
+    assert items == ["B0", "B1", "D0", "D1", "F0", "F1"]
+
+
+async def test_subset_of_filtered_and_filtered_of_augmented() -> None:
+    filtered = FilteredDataset(DictDataset(SEED), lambda k, v: v != "d")
+    subset = Subset(filtered, [5, 2])
+    assert await subset.query([5, 2], wrapper=list) == ["e", "b"]
+    with pytest.raises(KeyError):
+        await Subset(filtered, [4]).query_item(4)  # in the subset, filtered out above
+
+    augmented = PermutingDataset(Counting(SEED))
+    second_children = FilteredDataset(augmented, lambda k: k[1] == 1)
+    assert await second_children.keys.all() == tuple((k, 1) for k in SEED)
+    assert await second_children.query_items([(3, 1), (6, 1)]) == ["c", "f"]
+    with pytest.raises(KeyError, match=r"\(3, 0\)"):
+        await second_children.query_item((3, 0))
+    by_pair = FilteredDataset(augmented, lambda k, v: v in "ae")
+    assert [await by_pair.query_item(k) async for k in by_pair.keys] == ["a", "a", "e", "e"]
+
+
+async def test_deep_chain() -> None:
+    dataset: Dataset[Any, Any] = DictDataset({i: i for i in range(200)})
+    for depth in range(10):
+        dataset = TransformedDataset(dataset, [lambda k, v: v + 1])
+        dataset = FilteredDataset(dataset, lambda k, d=depth: k % (d + 2) != 1)
+    keys = await dataset.keys.all()
+    assert keys == tuple(k for k in range(200) if all(k % (d + 2) != 1 for d in range(10)))
+    assert await dataset.query_items(list(keys)) == [key + 10 for key in keys]
+    assert len(dataset) == len(keys)
+    items = [item async for _, batch in dataset.batches(2, wrapper=list) for item in batch]
+    assert items == [key + 10 for key in keys]
+
+
+async def test_lengths_along_a_chain() -> None:
+    parent = DictDataset(SEED)
+    filtered = FilteredDataset(parent, even)
+    transformed = TransformedDataset(filtered, [add_one])
+    cached = CachedDataset(TransformedDataset(parent, [add_one]))
+    assert len(cached) == 6  # keys equal the parent's, known at once
+    for dataset in (filtered, transformed):
+        with pytest.raises(KeysNotReadyError):
+            len(dataset)
+    await transformed.keys.all()
+    assert len(filtered) == len(transformed) == 3
+
+
+async def test_bulk_backend_stays_bulk_through_a_chain() -> None:
+    parent = Counting({i: i for i in range(12)}, bulk=True, context={"format": 1})
+    chain = CachedDataset(TransformedDataset(FilteredDataset(parent, even), [add_one]))
+    assert chain.batched_queries
+    assert chain.context == {"format": 1}
+    batches = [batch async for _, batch in chain.batches(3, wrapper=list)]
+    assert batches == [[1, 3, 5], [7, 9, 11]]
+    assert parent.bulk_calls == [[0, 2, 4], [6, 8, 10]]
+    augmented = PermutingDataset(TransformedDataset(parent, [add_one]))
+    assert augmented.context == {"format": 1}
+    await augmented.keys.all()
+    calls = len(parent.bulk_calls)
+    assert await augmented.query_items([(11, 1), (11, 0)]) == [12, 12]
+    assert len(parent.bulk_calls) - calls <= 1
+
+
+def test_pickled_chain_keeps_working() -> None:
+    chain = build_chain(DictDataset({i: i * 10 for i in range(20)}))
+    keys = asyncio.run(chain.keys.all())
+    copy = pickle.loads(pickle.dumps(chain))
+    assert asyncio.run(copy.keys.all()) == keys
+    assert copy.sync.query_items(list(keys[:3])) == [1, 1, 21]
+
+
+def test_partially_read_keys_survive_successive_event_loops() -> None:
+    chain = build_chain(EndlessAsync())
+
+    async def first(n: int) -> list[Any]:
+        keys = []
+        async for key in chain.keys:
+            keys.append(key)
+            if len(keys) == n:
+                break
+        return keys
+
+    assert asyncio.run(first(2)) == [(0, 0), (0, 1)]
+    assert asyncio.run(first(6))[4:] == [(4, 0), (4, 1)]
+    assert chain.sync.query_item((4, 1)) == 41
