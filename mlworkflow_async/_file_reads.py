@@ -385,16 +385,16 @@ class FileReader:
         while done < size:
             got = os.preadv(fd, (view[done:],), offset + done)
             if not got:
-                raise corrupt(
-                    self.path, f"item {key!r} extends past the end of the file (was it "
-                    f"truncated after being opened?)"
-                )
+                raise self._past_end(key)
             done += got
         return buf
 
     def _map_private(self, fd: int, key: object, start: int, size: int) -> memoryview | None:
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        private = mmap.mmap(fd, start + size - base, access=mmap.ACCESS_COPY, offset=base)
+        try:
+            private = mmap.mmap(fd, start + size - base, access=mmap.ACCESS_COPY, offset=base)
+        except ValueError:  # the file is now shorter than the index says
+            raise self._past_end(key) from None
         try:
             private.madvise(_POPULATE)  # type: ignore[arg-type]
         except OSError as exc:
@@ -416,9 +416,11 @@ class FileReader:
                 raise self._populate_error(key, exc) from exc
 
     def _populate_error(self, key: object, exc: OSError) -> Exception:
-        if exc.errno == errno.EFAULT:
-            return corrupt(
-                self.path, f"item {key!r} extends past the end of the file (was it truncated "
-                f"after being opened?)"
-            )
-        return exc
+        # EFAULT: touching the pages would have raised SIGBUS (beyond the end).
+        return self._past_end(key) if exc.errno == errno.EFAULT else exc
+
+    def _past_end(self, key: object) -> Exception:
+        return corrupt(
+            self.path, f"item {key!r} extends past the end of the file (was it truncated "
+            f"after being opened?)"
+        )

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._pickle_format import Entry, Layout, Read, corrupt
-from ._safe_unpickler import ForbiddenGlobal, load_consecutive, load_plain_int
-from .exceptions import UnsafePickleError
+from ._pickle_format import Entry, Layout, Read, corrupt, index_error
+from ._safe_unpickler import load_consecutive, load_plain_int
 
 __all__ = ["looks_legacy", "parse_legacy"]
 
@@ -43,14 +42,8 @@ def parse_legacy(
         )
     try:
         found = load_consecutive(read(location, size - location), safe, allow, limit=2)
-    except ForbiddenGlobal as exc:
-        raise UnsafePickleError(
-            f"the keys or context of {path} want to load {exc.module}.{exc.name}, which "
-            f"safe mode does not allow; pass it in allow=(...) if you trust it",
-            path,
-        ) from None
     except Exception as exc:
-        raise corrupt(path, f"its index cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+        raise index_error(path, exc) from exc
     index = found[0] if found else None
     if not isinstance(index, dict):
         raise corrupt(path, "its index is not a dict of key offsets")

@@ -68,12 +68,29 @@ def item_error(path: str, key: object, exc: BaseException) -> CorruptFileError |
             f"mode does not allow; pass it in allow=(...) if you trust it",
             path,
         )
-    hint = ""
-    if isinstance(exc, (ImportError, AttributeError)):
-        hint = " (is the module defining its classes importable here?)"
     return CorruptFileError(
-        f"item {key!r} of {path} cannot be unpickled{hint}: {type(exc).__name__}: {exc}", path
+        f"item {key!r} of {path} cannot be unpickled{_hint(exc)}: {type(exc).__name__}: {exc}",
+        path,
     )
+
+
+def index_error(path: str, exc: Exception) -> CorruptFileError | UnsafePickleError:
+    """The error to raise when the index (keys and context) cannot be unpickled."""
+    if isinstance(exc, ForbiddenGlobal):
+        return UnsafePickleError(
+            f"the keys or context of {path} want to load {exc.module}.{exc.name}, which "
+            f"safe mode does not allow; pass it in allow=(...) if you trust it",
+            path,
+        )
+    return corrupt(
+        path, f"its index cannot be unpickled{_hint(exc)}: {type(exc).__name__}: {exc}"
+    )
+
+
+def _hint(exc: BaseException) -> str:
+    if isinstance(exc, (ImportError, AttributeError)):
+        return " (is the module defining its classes importable here?)"
+    return ""
 
 
 # -- writing -----------------------------------------------------------------
@@ -123,7 +140,11 @@ class ItemPickler(pickle.Pickler):
         if type(obj) is np.ndarray and obj.flags.c_contiguous:
             spelled = _simple_dtype(obj.dtype)
             if spelled is not None:
-                buffer = pickle.PickleBuffer(obj)  # type: ignore[arg-type]
+                try:
+                    buffer = pickle.PickleBuffer(obj)  # type: ignore[arg-type]
+                except (BufferError, ValueError, TypeError):  # e.g. datetime64
+                    _DTYPE_SPELLING[obj.dtype] = None
+                    return NotImplemented
                 if obj.ndim == 1:
                     return np.frombuffer, (buffer, spelled)
                 return _FROMBUFFER, (buffer, spelled, obj.shape, "C")
@@ -268,14 +289,8 @@ def parse(read: Read, size: int, path: str, loads: Loads) -> Layout:
         raise corrupt(path, "its index is damaged (checksum mismatch)")
     try:
         index = loads(blob)
-    except ForbiddenGlobal as exc:
-        raise UnsafePickleError(
-            f"the keys or context of {path} want to load {exc.module}.{exc.name}, which "
-            f"safe mode does not allow; pass it in allow=(...) if you trust it",
-            path,
-        ) from None
     except Exception as exc:
-        raise corrupt(path, f"its index cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+        raise index_error(path, exc) from exc
     return _entries_from_index(index, index_offset, path)
 
 

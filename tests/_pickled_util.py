@@ -1,0 +1,114 @@
+"""Keys, items and sources shared by the PickledDataset tests (importable by child processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mlworkflow_async import Dataset, PickledDataset
+
+
+class Key(NamedTuple):
+    name: str
+    index: int
+
+
+class Point:
+    """A user class, for safe-mode allow lists."""
+
+    def __init__(self, x: float, y: float) -> None:
+        self.x, self.y = x, y
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command: the classic malicious pickle."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+def small_items(n: int) -> dict[Key, dict[str, Any]]:
+    rng = np.random.default_rng(n)
+    return {
+        Key("k", i): {"x": rng.random(10, dtype=np.float32), "y": i, "tag": ("t", i)}
+        for i in range(n)
+    }
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Deep equality that compares numpy arrays by dtype, shape and values."""
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray)
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape
+        if a.dtype.hasobject:
+            assert a.tolist() == b.tolist()
+        else:
+            np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b)
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert type(a) is type(b)
+        assert a == b
+
+
+class Gated(Dataset[int, Any]):
+    """Items ``0..n-1``; asking for a key at or past ``gate_at`` waits for ``release``.
+
+    ``reached`` is set when a fetch first waits, so a test knows the writer
+    is midway. ``fail_at`` makes that key raise instead.
+    """
+
+    def __init__(self, n: int, gate_at: int | None = None, fail_at: int | None = None) -> None:
+        self.n, self.gate_at, self.fail_at = n, gate_at, fail_at
+        self.reached: asyncio.Event | None = None
+        self.release: asyncio.Event | None = None
+        self.context = {"made_by": "Gated"}
+
+    def yield_keys(self) -> range:
+        return range(self.n)
+
+    async def query_item(self, key: int) -> Any:
+        return (await self.query_items([key]))[0]
+
+    async def query_items(self, keys: Sequence[int]) -> list[Any]:
+        if self.reached is None:
+            self.reached, self.release = asyncio.Event(), asyncio.Event()
+        assert self.release is not None
+        for key in keys:
+            if key == self.fail_at:
+                raise RuntimeError(f"source failed at {key}")
+            if self.gate_at is not None and key >= self.gate_at:
+                self.reached.set()
+                await self.release.wait()
+        return [{"i": k, "x": np.full(64, k, dtype=np.int32)} for k in keys]
+
+
+def read_keys(dataset: PickledDataset, keys: list[Any]) -> list[Any]:
+    """Run in another process: read ``keys`` with the blocking view."""
+    return dataset.sync.query_items(keys)
+
+
+def leftovers(folder: str) -> list[str]:
+    """Temporary files left in ``folder`` by an unfinished write."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))

@@ -1,0 +1,176 @@
+"""PickledDataset.create is all or nothing: errors, cancellation, Ctrl-C and kills."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlworkflow_async import CorruptFileError, DictDataset, PickledDataset
+
+from ._pickled_util import Gated, leftovers
+from .conftest import wait_until
+
+REPO = str(Path(__file__).resolve().parents[1])
+PREVIOUS = {"old": np.arange(10), "kept": "yes"}
+
+
+async def write_previous(path: Path) -> None:
+    await PickledDataset.create(DictDataset(PREVIOUS), path)
+
+
+async def read_previous(path: Path) -> None:
+    async with await PickledDataset.open(path) as ds:
+        old, kept = await ds.query_items(["old", "kept"])
+        np.testing.assert_array_equal(old, PREVIOUS["old"])
+        assert kept == "yes"
+        assert len(ds) == 2
+
+
+def temporary_size(folder: Path) -> int:
+    names = leftovers(str(folder))
+    return os.path.getsize(folder / names[0]) if names else 0
+
+
+async def test_cancelled_create_leaves_no_file(tmp_path: Path) -> None:
+    source = Gated(2000, gate_at=1000)
+    path = tmp_path / "new.pkl"
+    task = asyncio.create_task(PickledDataset.create(source, path))
+    await wait_until(lambda: source.reached is not None and source.reached.is_set())
+    await wait_until(lambda: temporary_size(tmp_path) > 10_000)  # data was written
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not path.exists()
+    assert leftovers(str(tmp_path)) == []
+
+
+async def test_cancelled_create_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    await write_previous(path)
+    source = Gated(2000, gate_at=700)
+    task = asyncio.create_task(PickledDataset.create(source, path))
+    await wait_until(lambda: source.reached is not None and source.reached.is_set())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await read_previous(path)
+    assert leftovers(str(tmp_path)) == []
+
+
+async def test_error_mid_create_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    await write_previous(path)
+    with pytest.raises(RuntimeError, match="source failed at 1500"):
+        await PickledDataset.create(Gated(2000, fail_at=1500), path, concurrency=100)
+    await read_previous(path)
+    assert leftovers(str(tmp_path)) == []
+
+
+async def test_finished_create_replaces_the_file_with_umask_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    await write_previous(path)
+    assert await PickledDataset.create(Gated(300), path) == 300
+    async with await PickledDataset.open(path) as ds:
+        assert len(ds) == 300
+        assert ds.context == {"made_by": "Gated"}
+        item = await ds.query_item(299)
+        assert item["i"] == 299
+        assert item["x"][0] == 299
+    umask = _current_umask()
+    if umask is not None:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _current_umask() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return None
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from mlworkflow_async import PickledDataset
+    from tests._pickled_util import Gated
+
+    async def main():
+        source = Gated(5000, gate_at=2000)
+
+        async def announce():
+            while source.reached is None or not source.reached.is_set():
+                await asyncio.sleep(0.001)
+            print("midway", flush=True)
+
+        asyncio.ensure_future(announce())
+        if {to_file_object!r}:
+            with open({path!r}, "wb") as f:
+                await PickledDataset.create(source, f)
+        else:
+            await PickledDataset.create(source, {path!r})
+
+    asyncio.run(main())
+    """
+)
+
+
+def start_writer(path: Path, to_file_object: bool = False) -> subprocess.Popen[str]:
+    code = CHILD.format(repo=REPO, path=str(path), to_file_object=to_file_object)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if line.strip() != "midway":
+        child.kill()
+        raise AssertionError(f"writer did not start: {line!r} {child.communicate()}")
+    return child
+
+
+def test_ctrl_c_keeps_the_previous_file_and_removes_the_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    asyncio.run(write_previous(path))
+    child = start_writer(path)
+    assert leftovers(str(tmp_path))  # the new file is being written beside the old one
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode != 0
+    assert "KeyboardInterrupt" in err
+    asyncio.run(read_previous(path))
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_killed_writer_leaves_the_previous_file_readable(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    asyncio.run(write_previous(path))
+    child = start_writer(path)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    asyncio.run(read_previous(path))
+    # The killed writer could not clean up; its partial file is recognised as such.
+    (partial,) = leftovers(str(tmp_path))
+    with pytest.raises(CorruptFileError, match="end-of-file marker is missing"):
+        PickledDataset(tmp_path / partial)
+
+
+def test_killed_writer_of_a_file_object_leaves_an_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "direct.pkl"
+    child = start_writer(path, to_file_object=True)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    assert path.stat().st_size > 0
+    with pytest.raises(CorruptFileError, match=r"direct\.pkl"):
+        PickledDataset(path)

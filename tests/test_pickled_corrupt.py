@@ -1,0 +1,228 @@
+"""Bad files raise one documented error naming the file; never garbage, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import mlworkflow
+import numpy as np
+import pytest
+
+from mlworkflow_async import CorruptFileError, DictDataset, PickledDataset, PickledFileError
+from mlworkflow_async._pickle_format import TRAILER, TRAILER_SIZE
+
+from ._pickled_util import assert_same, small_items
+
+ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in range(12)}
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    path = tmp_path / "good.pkl"
+    source = DictDataset(ITEMS)
+    source.context = {"note": "ctx"}  # type: ignore[attr-defined]
+    asyncio.run(PickledDataset.create(source, path))
+    return path
+
+
+@pytest.fixture
+def legacy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "legacy.pkl"
+    source = mlworkflow.DictDataset(ITEMS)
+    source._context = {"note": "ctx"}
+    mlworkflow.PickledDataset.create(source, str(path))
+    return path
+
+
+def rewrite(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def damage(path: Path, offset: int, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] = value
+    path.write_bytes(bytes(data))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = rewrite(tmp_path / "empty.pkl", b"")
+    with pytest.raises(CorruptFileError, match=r"empty\.pkl.*empty") as info:
+        PickledDataset(path)
+    assert info.value.path == str(path)
+    assert isinstance(info.value, PickledFileError)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes(tmp_path: Path, seed: int) -> None:
+    data = np.random.default_rng(seed).bytes(5000)
+    if seed == 0:
+        data = b"\x80\x04" + data  # looks like the start of an original file
+    if seed == 1:
+        data = data[:3]
+    path = rewrite(tmp_path / "random.pkl", data)
+    with pytest.raises(CorruptFileError, match=r"random\.pkl"):
+        PickledDataset(path)
+
+
+def test_truncated_at_every_point(good_file: Path, tmp_path: Path) -> None:
+    data = good_file.read_bytes()
+    for size in range(0, len(data), 3):
+        path = rewrite(tmp_path / "cut.pkl", data[:size])
+        with pytest.raises(CorruptFileError):
+            PickledDataset(path)
+
+
+def test_legacy_file_truncated_at_every_point(legacy_file: Path, tmp_path: Path) -> None:
+    data = legacy_file.read_bytes()
+    with PickledDataset(legacy_file) as whole:
+        keys = list(whole.yield_keys())
+    for size in range(0, len(data)):
+        path = rewrite(tmp_path / "cut.pkl", data[:size])
+        try:
+            ds = PickledDataset(path)
+        except CorruptFileError:
+            continue
+        # The original format has no end marker: cut right after its index,
+        # a file only loses its optional context, and must read correctly.
+        with ds:
+            assert ds.context == {}
+            assert list(ds.yield_keys()) == keys
+            for key, item in zip(keys, asyncio.run(ds.query_items(keys)), strict=True):
+                assert_same(ITEMS[key], item)
+
+
+def test_unfinished_legacy_file(tmp_path: Path) -> None:
+    class Failing(mlworkflow.DictDataset):  # type: ignore[misc]
+        def query_item(self, key: Any) -> Any:
+            if key == 5:
+                raise RuntimeError("stop")
+            return super().query_item(key)
+
+    path = tmp_path / "unfinished.pkl"
+    with pytest.raises(RuntimeError):
+        mlworkflow.PickledDataset.create(Failing({i: i for i in range(10)}), str(path))
+    with pytest.raises(CorruptFileError, match="did not finish"):
+        PickledDataset(path)
+
+
+def test_index_located_past_the_end(good_file: Path) -> None:
+    data = bytearray(good_file.read_bytes())
+    offset, length, crc, end = TRAILER.unpack_from(data, len(data) - TRAILER_SIZE)
+    TRAILER.pack_into(data, len(data) - TRAILER_SIZE, offset + 10_000, length, crc, end)
+    rewrite(good_file, bytes(data))
+    with pytest.raises(CorruptFileError, match="index lies outside the file"):
+        PickledDataset(good_file)
+
+
+def rebuild_index(path: Path, change: Any) -> None:
+    """Rewrite the index of ``path`` after ``change(index)``, with a valid checksum."""
+    data = path.read_bytes()
+    offset, length, _, end = TRAILER.unpack_from(data, len(data) - TRAILER_SIZE)
+    index = pickle.loads(data[offset:offset + length])
+    change(index)
+    blob = pickle.dumps(index, 5)
+    path.write_bytes(data[:offset] + blob + TRAILER.pack(offset, len(blob), zlib.crc32(blob), end))
+
+
+def test_index_entry_pointing_past_the_end(good_file: Path) -> None:
+    def push_last_item_out(index: dict[str, Any]) -> None:
+        table = np.frombuffer(index["table"], dtype="<u8").reshape(-1, 4).copy()
+        table[-1, 0] = 10**9
+        index["table"] = table.tobytes()
+
+    rebuild_index(good_file, push_last_item_out)
+    with pytest.raises(CorruptFileError, match="places item 'k11' outside the data region"):
+        PickledDataset(good_file)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda index: index.pop("table"),
+        lambda index: index.update(table=b"\x00" * 7),
+        lambda index: index.update(keys=index["keys"][:-1]),
+        lambda index: index.update(keys=["same"] * len(index["keys"])),
+        lambda index: index.update(context=[1, 2]),
+        lambda index: index.update(buffers=b""),
+    ],
+)
+def test_malformed_index(good_file: Path, change: Any) -> None:
+    rebuild_index(good_file, change)
+    with pytest.raises(CorruptFileError, match=r"good\.pkl.*index"):
+        PickledDataset(good_file)
+
+
+def test_damaged_index_fails_its_checksum(good_file: Path) -> None:
+    data = bytearray(good_file.read_bytes())
+    offset = TRAILER.unpack_from(data, len(data) - TRAILER_SIZE)[0]
+    data[offset + 20] ^= 0xFF
+    rewrite(good_file, bytes(data))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        PickledDataset(good_file)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_damaged_item_names_its_key_and_file(good_file: Path, inline: bool) -> None:
+    with PickledDataset(good_file) as ds:
+        offset = ds._reader.entries["k7"][0]
+    damage(good_file, offset, 0xFF)  # not a pickle opcode
+    async with await PickledDataset.open(good_file) as ds:
+        ds._reader.inline = inline  # the cached path, or the worker thread path
+        with pytest.raises(CorruptFileError, match=r"item 'k7' of .*good\.pkl cannot be unpickled"):
+            await ds.query_items(["k6", "k7", "k8"])
+        assert_same(ITEMS["k8"], await ds.query_item("k8"))
+
+
+async def test_damaged_legacy_item(legacy_file: Path) -> None:
+    with PickledDataset(legacy_file) as ds:
+        offset = ds._reader.entries["k3"][0]
+    damage(legacy_file, offset + 2, 0xFE)
+    async with await PickledDataset.open(legacy_file) as ds:
+        with pytest.raises(CorruptFileError, match="item 'k3'"):
+            await ds.query_item("k3")
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+async def test_file_truncated_after_opening(tmp_path: Path, mmap: bool) -> None:
+    items = {"small": small_items(3), "big": np.ones(400_000)}
+    path = tmp_path / "shrinks.pkl"
+    await PickledDataset.create(DictDataset(items), path)
+    async with await PickledDataset.open(path, mmap=mmap) as ds:
+        os.truncate(path, 100)
+        for key in ("small", "big"):
+            with pytest.raises(CorruptFileError, match="past the end of the file"):
+                await ds.query_item(key)
+
+
+def test_a_directory_is_not_a_dataset(tmp_path: Path) -> None:
+    with pytest.raises(CorruptFileError, match="not a regular file"):
+        PickledDataset(tmp_path)
+
+
+def test_missing_file_is_a_plain_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        PickledDataset(tmp_path / "absent.pkl")
+
+
+def test_errors_survive_pickling(good_file: Path) -> None:
+    error = CorruptFileError("bad things", str(good_file))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is CorruptFileError
+    assert copy.path == str(good_file)
+    assert str(copy) == "bad things"
+
+
+def test_header_only_and_partial_magic(tmp_path: Path, good_file: Path) -> None:
+    data = good_file.read_bytes()
+    for size in (5, 64, 64 + TRAILER_SIZE - 1):
+        path = rewrite(tmp_path / "short.pkl", data[:size])
+        with pytest.raises(CorruptFileError, match="truncated"):
+            PickledDataset(path)
+    assert struct.unpack_from("<I", data, 8)[0] == 1
