@@ -25,10 +25,11 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio.to_thread
+import numpy as np
 
 from ._legacy_format import looks_legacy, parse_legacy
 from ._pickle_format import (
@@ -55,6 +56,37 @@ _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") e
 _POPULATE: int | None = getattr(
     mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None
 )
+
+
+def _load_madvise() -> Callable[[int, int, int], None] | None:
+    # ``mmap.madvise`` holds the GIL while the kernel reads the pages, which
+    # would stall the event loop; a foreign call through ctypes releases it.
+    if _POPULATE is None:
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    function.restype = ctypes.c_int
+
+    def madvise(address: int, length: int, advice: int) -> None:
+        if function(address, length, advice) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return madvise
+
+
+_MADVISE = _load_madvise()
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """Where ``mapping`` starts in memory."""
+    address: int = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
+    return address
 # The filesystem or kernel does not support the request at all.
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)}
 
@@ -148,7 +180,8 @@ class FileReader:
             raise
         self.entries = self.layout.entries
         self.inline = _NOWAIT is not None
-        self.private_maps = _POPULATE is not None and hasattr(mmap.mmap, "madvise")
+        self.private_maps = _MADVISE is not None
+        self.populate = _MADVISE is not None
         self._generation = _generation
         self._since_yield = 0
 
@@ -395,8 +428,10 @@ class FileReader:
             private = mmap.mmap(fd, start + size - base, access=mmap.ACCESS_COPY, offset=base)
         except ValueError:  # the file is now shorter than the index says
             raise self._past_end(key) from None
+        assert _MADVISE is not None
+        assert _POPULATE is not None
         try:
-            private.madvise(_POPULATE)  # type: ignore[arg-type]
+            _MADVISE(_address(private), len(private), _POPULATE)
         except OSError as exc:
             private.close()
             if exc.errno in _UNSUPPORTED:
@@ -406,13 +441,17 @@ class FileReader:
         return memoryview(private)[start - base:start - base + size]
 
     def _populate(self, shared: mmap.mmap, key: object, start: int, size: int) -> None:
-        if _POPULATE is None:
+        if not self.populate:
             return
+        assert _MADVISE is not None
+        assert _POPULATE is not None
         base = start - start % mmap.PAGESIZE
         try:
-            shared.madvise(_POPULATE, base, start + size - base)
+            _MADVISE(_address(shared) + base, start + size - base, _POPULATE)
         except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
+            if exc.errno in _UNSUPPORTED:
+                self.populate = False
+            else:
                 raise self._populate_error(key, exc) from exc
 
     def _populate_error(self, key: object, exc: OSError) -> Exception:

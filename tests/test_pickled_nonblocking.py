@@ -1,0 +1,138 @@
+"""Reads never block the event loop: cached items need no thread, the rest go to one.
+
+The checks are structural (does a task get to run? does a read need a worker
+thread?), never timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+
+from mlworkflow_async import DictDataset, PickledDataset
+
+from ._pickled_util import Key, assert_same, small_items
+
+ITEMS: dict[Any, Any] = small_items(2000)
+BIG = Key("big", 0)
+ITEMS[BIG] = {"x": np.arange(8_000_000, dtype=np.float32)}  # 32 MB
+
+
+@pytest.fixture
+async def dataset(tmp_path: Path) -> AsyncIterator[PickledDataset]:
+    path = tmp_path / "data.pkl"
+    await PickledDataset.create(DictDataset(ITEMS), path)
+    async with await PickledDataset.open(path) as ds:
+        yield ds
+
+
+def nowait_read(ds: PickledDataset, key: Any) -> bool:
+    """Whether the item's bytes are in the page cache, as RWF_NOWAIT sees them."""
+    offset, span, _, _ = ds._reader.entries[key]
+    fd = os.open(ds.path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(span)], offset, os.RWF_NOWAIT) == span
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class ThreadsTaken:
+    """Holds every token of anyio's default thread limiter: no worker thread can start."""
+
+    def __init__(self) -> None:
+        self.limiter = anyio.to_thread.current_default_thread_limiter()
+        self.holders = [object() for _ in range(int(self.limiter.total_tokens))]
+
+    async def __aenter__(self) -> ThreadsTaken:
+        for holder in self.holders:
+            await self.limiter.acquire_on_behalf_of(holder)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for holder in self.holders:
+            self.limiter.release_on_behalf_of(holder)
+
+
+async def spin(times: int) -> None:
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+class Heartbeat:
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0)
+
+
+async def test_the_loop_keeps_running_during_a_big_read(dataset: PickledDataset) -> None:
+    heart = Heartbeat()
+    task = asyncio.create_task(heart.run())
+    await asyncio.sleep(0)
+    before = heart.ticks
+    item = await dataset.query_item(BIG)
+    during = heart.ticks - before
+    task.cancel()
+    np.testing.assert_array_equal(item["x"], ITEMS[BIG]["x"])
+    # Reading 32 MB on the loop would let the heartbeat beat once at most.
+    assert during >= 10
+
+
+async def test_cached_items_are_read_without_any_thread(dataset: PickledDataset) -> None:
+    if not dataset._reader.inline:
+        pytest.skip("no RWF_NOWAIT reads on this platform or filesystem")
+    keys = [k for k in ITEMS if k != BIG][::-7]
+    if not all(nowait_read(dataset, key) for key in keys):
+        pytest.skip("the file is not in the page cache")
+    async with ThreadsTaken():
+        with anyio.fail_after(5):
+            items = await dataset.query_items(keys)  # would wait forever for a thread
+        big = asyncio.create_task(dataset.query_item(BIG))  # too big to copy on the loop
+        await spin(50)
+        assert not big.done()
+    for key, item in zip(keys, items, strict=True):
+        assert_same(ITEMS[key], item)
+    np.testing.assert_array_equal((await big)["x"], ITEMS[BIG]["x"])
+
+
+async def test_uncached_items_are_read_in_a_thread(dataset: PickledDataset) -> None:
+    fd = os.open(dataset.path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    key = Key("k", 1234)
+    if nowait_read(dataset, key):
+        pytest.skip("the page cache kept the file")
+    async with ThreadsTaken():
+        task = asyncio.create_task(dataset.query_items([Key("k", 1), key]))
+        await spin(50)
+        assert not task.done()  # it waits for a worker thread, not on the loop
+    first, second = await task
+    assert_same(ITEMS[key], second)
+    assert_same(ITEMS[Key("k", 1)], first)
+
+
+async def test_item_by_item_loops_let_other_tasks_run(dataset: PickledDataset) -> None:
+    heart = Heartbeat()
+    task = asyncio.create_task(heart.run())
+    await asyncio.sleep(0)
+    before = heart.ticks
+    keys = [k for k in ITEMS if k != BIG]
+    for key in keys:
+        await dataset.query_item(key)
+    task.cancel()
+    assert heart.ticks - before >= 2
