@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from itertools import islice
 from typing import Any, Generic, TypeVar
 
 __all__ = ["MISSING", "Memo"]
@@ -75,6 +76,10 @@ class _Flight(Generic[K, T]):
         return self.fetched[self.keys.index(key)]
 
 
+#: Stands for a single load in flight that no other task waits for yet.
+_UNWATCHED: Any = _Flight([])
+
+
 class Memo(Generic[K, T]):
     """Values by key, each loaded once, optionally keeping only ``maxsize`` of them.
 
@@ -90,7 +95,8 @@ class Memo(Generic[K, T]):
             raise ValueError(f"maxsize must be None (unbounded) or at least 1, got {maxsize}")
         self.maxsize = maxsize
         self._lru = lru and maxsize is not None
-        self._data: dict[K, T] = OrderedDict() if maxsize is not None else {}
+        # Only LRU needs an OrderedDict; a plain dict keeps insertion order.
+        self._data: dict[K, T] = OrderedDict() if self._lru else {}
         self._flights: dict[K, _Flight[K, T]] = {}
 
     @property
@@ -108,46 +114,65 @@ class Memo(Generic[K, T]):
         data = self._data
         maxsize = self.maxsize
         if maxsize is not None and len(data) > maxsize:
-            pop = data.popitem
-            for _ in range(len(data) - maxsize):
-                pop(last=False)  # type: ignore[call-arg]
+            # The oldest entries come first in either kind of dict; drop them
+            # in one C-level pass rather than a Python loop.
+            oldest = list(islice(data, len(data) - maxsize))
+            deque(map(data.__delitem__, oldest), maxlen=0)
 
     def clear(self) -> None:
         self._data.clear()
 
     async def load(self, key: K, fetch: Callable[[K], Awaitable[T]]) -> T:
         """The value of ``key``, from memory, from a load in flight, or from ``fetch(key)``."""
-        while True:
-            value = self.lookup(key)
-            if value is not MISSING:
-                return value
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            try:
-                return await flight.wait(key)
-            except _Abandoned:
-                continue
-        flight = self._flights[key] = _Flight([key])
+        value = self.lookup(key)
+        if value is not MISSING:
+            return value
+        data = self._data
+        flights = self._flights
+        if key in flights:
+            return await self._join(key, fetch)
+        # The flight is only built if another task comes to wait for it.
+        flights[key] = _UNWATCHED
         try:
             value = await fetch(key)
         except BaseException as exc:
-            del self._flights[key]
-            flight.settle((), exc)
+            flight = flights.pop(key)
+            if flight is not _UNWATCHED:
+                flight.settle((), exc)
             raise
-        data = self._data
         data[key] = value
         if self.maxsize is not None and len(data) > self.maxsize:
-            data.popitem(last=False)  # type: ignore[call-arg]
-        del self._flights[key]
-        flight.settle((value,), None)
+            del data[next(iter(data))]
+        flight = flights.pop(key)
+        if flight is not _UNWATCHED:
+            flight.settle((value,), None)
         return value
+
+    def _watch(self, key: K) -> _Flight[K, T]:
+        """The flight loading ``key`` (which is in flight), built if nobody watched it yet."""
+        flight = self._flights[key]
+        if flight is _UNWATCHED:
+            flight = self._flights[key] = _Flight([key])
+        return flight
+
+    async def _join(self, key: K, fetch: Callable[[K], Awaitable[T]]) -> T:
+        """Wait for the load of ``key`` in flight; load it if that load is abandoned."""
+        try:
+            return await self._watch(key).wait(key)
+        except _Abandoned:
+            return await self.load(key, fetch)
 
     async def load_many(
         self, keys: Sequence[K], fetch_many: Callable[[list[K]], Awaitable[Sequence[T]]]
     ) -> list[T]:
         """The values of ``keys``; the ones nobody holds or loads come from one ``fetch_many``."""
         data = self._data
+        if not self._flights:
+            unique = set(keys)
+            if len(unique) == len(keys) and data.keys().isdisjoint(unique):
+                # None held, none loading, none repeated: the usual case when
+                # discovering keys, handled with bulk operations only.
+                return await self._fetch_all(list(keys), fetch_many)
         get = data.get
         values: list[Any] = [get(key, MISSING) for key in keys]
         missing = [index for index, value in enumerate(values) if value is MISSING]
@@ -172,9 +197,8 @@ class Memo(Generic[K, T]):
             flight = _Flight(mine)
             for index in missing:
                 key = keys[index]
-                other = flights.get(key)
-                if other is not None:
-                    waits.append((index, other))
+                if key in flights:
+                    waits.append((index, self._watch(key)))
                 else:
                     flights[key] = flight
                     mine.append(key)
@@ -205,6 +229,28 @@ class Memo(Generic[K, T]):
                 values[index] = (await self.load_many([key], fetch_many))[0]
         return values
 
+    async def _fetch_all(
+        self, mine: list[K], fetch_many: Callable[[list[K]], Awaitable[Sequence[T]]]
+    ) -> list[T]:
+        flight: _Flight[K, T] = _Flight(mine)
+        self._flights.update(dict.fromkeys(mine, flight))
+        try:
+            fetched = await fetch_many(mine)
+            if len(fetched) != len(mine):
+                raise RuntimeError(
+                    f"fetching {len(mine)} values returned {len(fetched)}: "
+                    f"query_items() must return one item per key, in order"
+                )
+        except BaseException as exc:
+            self._land(mine)
+            flight.settle((), exc)
+            raise
+        self._data.update(zip(mine, fetched, strict=True))
+        self._trim()
+        self._land(mine)
+        flight.settle(fetched, None)
+        return list(fetched)
+
     def _land(self, mine: list[K]) -> None:
         """Unregister the loads of ``mine``, which are all still registered."""
         flights = self._flights
@@ -216,8 +262,9 @@ class Memo(Generic[K, T]):
 
     def __getstate__(self) -> dict[str, Any]:
         # Loads in flight belong to a running loop; only settled values travel.
-        return {"maxsize": self.maxsize, "lru": self._lru, "data": dict(self._data)}
+        # The mapping itself, not a copy: whoever shares it keeps sharing it.
+        return {"maxsize": self.maxsize, "lru": self._lru, "data": self._data}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["maxsize"], state["lru"])  # type: ignore[misc]
-        self._data.update(state["data"])
+        self._data = state["data"]

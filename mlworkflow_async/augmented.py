@@ -12,7 +12,7 @@ from ._amap import map_concurrently
 from ._callables import is_async_callable
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, flatten_chunks
 from ._keys import KeySequence
-from ._memo import MISSING, Memo
+from ._memo import Memo
 from .dataset import Dataset
 
 __all__ = ["AugmentedDataset"]
@@ -21,6 +21,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _FIRST_CHUNK = 8
+_UNSET: Any = object()
 
 
 class AugmentedDataset(Dataset[K, V]):
@@ -63,6 +64,8 @@ class AugmentedDataset(Dataset[K, V]):
             self.augment
         )
         self._roots_checked = False
+        self._held = self._roots.data
+        self._default_root_key = type(self).root_key is AugmentedDataset.root_key
 
     @abstractmethod
     def augment(
@@ -135,6 +138,31 @@ class AugmentedDataset(Dataset[K, V]):
             self._check_roots(root_key, children)
         return children
 
+    def _expand_many_sync(self, root_keys: list[Any], items: Sequence[Any]) -> list[dict[K, V]]:
+        # One loop for many roots: the hot path of key discovery.
+        augment = self.augment
+        groups: list[dict[K, V]] = []
+        root_key: Any = None
+        made: Any = _UNSET
+        try:
+            for root_key, root_item in zip(root_keys, items, strict=True):
+                made = _UNSET
+                made = augment(root_key, root_item)
+                groups.append(dict(made))
+        except Exception as exc:
+            if made is not _UNSET and not isinstance(made, Iterable):
+                error = self._not_pairs(made)
+                self._note(error, root_key)
+                raise error from None
+            self._note(exc, root_key)
+            raise
+        if not self._roots_checked:
+            for root_key, children in zip(root_keys, groups, strict=True):
+                self._check_roots(root_key, children)
+                if self._roots_checked:
+                    break
+        return groups
+
     async def _expand(self, root_key: Any, root_item: Any) -> dict[K, V]:
         if not self._async_augment:
             return self._expand_sync(root_key, root_item)
@@ -164,8 +192,7 @@ class AugmentedDataset(Dataset[K, V]):
     async def _load_roots(self, root_keys: list[Any]) -> list[dict[K, V]]:
         items = await self.parent.query_items(root_keys)
         if not self._async_augment:
-            expand = self._expand_sync
-            return [expand(key, item) for key, item in zip(root_keys, items, strict=True)]
+            return self._expand_many_sync(root_keys, items)
         pairs = list(zip(root_keys, items, strict=True))
         return await map_concurrently(lambda pair: self._expand(*pair), pairs)
 
@@ -200,9 +227,10 @@ class AugmentedDataset(Dataset[K, V]):
         )
 
     async def query_item(self, key: K) -> V:
-        root_key = self.root_key(key)
-        children = self._roots.lookup(root_key)
-        if children is MISSING:
+        root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
+        # Roots leave in load order (no recency to refresh): a plain get.
+        children = self._held.get(root_key)
+        if children is None:
             children = await self._roots.load(root_key, self._load_root)
         try:
             return children[key]
@@ -211,17 +239,18 @@ class AugmentedDataset(Dataset[K, V]):
 
     async def query_items(self, keys: Sequence[K]) -> list[V]:
         keys = list(keys)
-        if type(self).root_key is AugmentedDataset.root_key:
+        if self._default_root_key:
             root_keys = list(map(itemgetter(0), keys))  # type: ignore[arg-type]
         else:
             root_keys = list(map(self.root_key, keys))
         unique = list(dict.fromkeys(root_keys))
         groups = dict(zip(unique, await self._roots.load_many(unique, self._load_roots),
                           strict=True))
-        items: list[V] = []
+        try:
+            return [groups[root_key][key] for key, root_key in zip(keys, root_keys, strict=True)]
+        except KeyError:
+            pass
         for key, root_key in zip(keys, root_keys, strict=True):
-            try:
-                items.append(groups[root_key][key])
-            except KeyError:
+            if key not in groups[root_key]:
                 raise self._unknown(key, root_key) from None
-        return items
+        raise AssertionError("unreachable")  # pragma: no cover

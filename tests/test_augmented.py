@@ -150,16 +150,29 @@ async def test_augment_errors_name_the_root() -> None:
             yield (root_key, 0), root_item
 
     dataset = Broken(DictDataset(SEED))
-    with pytest.raises(RuntimeError, match="cannot augment") as info:
-        await dataset.query_item((4, 0))
-    assert any("root key 4" in note for note in info.value.__notes__)
+    for attempt in (dataset.query_item((4, 0)), dataset.keys.all()):
+        with pytest.raises(RuntimeError, match="cannot augment") as info:
+            await attempt
+        assert any("root key 4" in note for note in info.value.__notes__)
+
+    class RaisesTypeError(AugmentedDataset[Any, str]):
+        def augment(self, root_key: int, root_item: str) -> Iterator[tuple[Any, str]]:
+            raise TypeError("a bug inside augment")
+
+    with pytest.raises(TypeError, match="a bug inside augment"):
+        await RaisesTypeError(DictDataset(SEED)).keys.all()
 
     class NotAGenerator(AugmentedDataset[Any, str]):
         def augment(self, root_key: int, root_item: str) -> Any:
             return 3
 
-    with pytest.raises(TypeError, match="returned int; it must be a generator"):
-        await NotAGenerator(DictDataset(SEED)).query_item((1, 0))
+    for attempt in (
+        NotAGenerator(DictDataset(SEED)).query_item((1, 0)),
+        NotAGenerator(DictDataset(SEED)).keys.all(),
+    ):
+        with pytest.raises(TypeError, match="returned int; it must be a generator") as info:
+            await attempt
+        assert any("root key 1" in note for note in info.value.__notes__)
 
 
 async def test_memory_is_bounded() -> None:
