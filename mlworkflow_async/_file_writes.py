@@ -6,6 +6,7 @@ All methods block; callers run them in worker threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from typing import Any, BinaryIO, Protocol
@@ -55,6 +56,10 @@ class AtomicFile:
                 break
             except FileExistsError:
                 continue
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"cannot write {path}: its folder does not exist", folder
+                ) from None
         self._done = False
 
     def write(self, buffers: list[Any]) -> None:

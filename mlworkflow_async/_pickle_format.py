@@ -164,8 +164,9 @@ class Encoder:
         self.count = 0
         self._keys: list[Any] = []
         self._seen: set[Any] = set()
-        self._table: list[int] = []
-        self._buffers: list[int] = []
+        # Packed chunk by chunk, so that finishing does not convert one huge list.
+        self._table: list[bytes] = []
+        self._buffers: list[bytes] = []
 
     def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
         """Pickle ``items``; return the buffers to write, in order."""
@@ -195,7 +196,8 @@ class Encoder:
             marks.append((start, stream.tell(), first, len(oob)))
         data = stream.getbuffer()
         out: list[Any] = []
-        table, buffer_rows = self._table, self._buffers
+        table: list[int] = []
+        buffer_rows: list[int] = []
         pos = self.position
         for start, stop, first, last in marks:
             plen = stop - start
@@ -223,6 +225,8 @@ class Encoder:
                 pos += size
             table += (base, pos - base, plen, last - first)
         self.position = pos
+        self._table.append(np.asarray(table, dtype="<u8").tobytes())
+        self._buffers.append(np.asarray(buffer_rows, dtype="<u8").tobytes())
         self._keys += keys
         self.count += len(marks)
         return out
@@ -231,8 +235,8 @@ class Encoder:
         """The index and trailer that end the file."""
         index = {
             "keys": self._keys,
-            "table": np.asarray(self._table, dtype="<u8").tobytes(),
-            "buffers": np.asarray(self._buffers, dtype="<u8").tobytes(),
+            "table": b"".join(self._table),
+            "buffers": b"".join(self._buffers),
             "context": dict(context) if context else None,
         }
         try:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import mmap
 import struct
+import sys
 from typing import Any
 
 import anyio
@@ -267,6 +268,23 @@ async def test_progress_bar_only_when_asked(tmp_path: Any, capsys: Any) -> None:
     assert "300/300" in capsys.readouterr().err
     with pytest.raises(ValueError, match="concurrency"):
         await PickledDataset.create(source, tmp_path / "x.pkl", concurrency=0)
+
+
+async def test_progress_without_tqdm_shows_nothing(
+    tmp_path: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if the extra were not installed
+    with pytest.raises(ImportError):
+        import tqdm  # noqa: F401
+    await PickledDataset.create(DictDataset({1: 1}), tmp_path / "p.pkl", progress=True)
+    assert capsys.readouterr().err == ""
+    with PickledDataset(tmp_path / "p.pkl") as ds:
+        assert len(ds) == 1
+
+
+async def test_missing_folder_is_named(tmp_path: Any) -> None:
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*absent.*folder does not exist"):
+        await PickledDataset.create(DictDataset({1: 1}), tmp_path / "absent" / "x.pkl")
 
 
 async def test_create_from_a_blocking_original_dataset(tmp_path: Any) -> None:
