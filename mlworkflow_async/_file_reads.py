@@ -137,6 +137,13 @@ class _Handle:
         if dispose:
             self._dispose()
 
+    def abandon(self) -> None:
+        """Close in a forked child, where the parent's lock may be held forever."""
+        if not self.closed:
+            self.closed = True
+            self.users = 0
+            self._dispose()
+
     def _dispose(self) -> None:
         if self.view is not None:
             self.view.release()
@@ -209,7 +216,11 @@ class FileReader:
     # -- life cycle --------------------------------------------------------
 
     def close(self) -> None:
-        self._handle.close()
+        if self._generation != _generation:  # forked: do not touch the parent's lock
+            self._generation = _generation
+            self._handle.abandon()
+        else:
+            self._handle.close()
 
     @property
     def closed(self) -> bool:
@@ -242,8 +253,9 @@ class FileReader:
                 os.close(new)
         self._handle = _Handle(fd, self.use_mmap)
         if fd != old.fd:
-            old.users = 0
-            old.close()
+            old.abandon()
+        else:  # the new handle owns the descriptor now
+            old.closed = True
 
     # -- reads ---------------------------------------------------------------
 

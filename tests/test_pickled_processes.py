@@ -59,6 +59,7 @@ def test_forked_child_reads_with_its_own_descriptor(dataset_file: Path, use_mmap
     ds = PickledDataset(dataset_file, mmap=use_mmap)
     assert_same(ITEMS[KEYS[0]], asyncio.run(ds.query_item(KEYS[0])))  # used before the fork
     parent_fd = ds._reader._handle.fd
+    untouched = PickledDataset(dataset_file)  # not used in the child, only closed there
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running any cleanup
@@ -72,7 +73,10 @@ def test_forked_child_reads_with_its_own_descriptor(dataset_file: Path, use_mmap
                     assert_same(ITEMS[key], item)
                 except AssertionError:
                     same = False
-            report = pickle.dumps((same, ds._reader._handle.fd))
+            child_fd = ds._reader._handle.fd
+            ds.close()
+            untouched.close()
+            report = pickle.dumps((same, child_fd, ds.closed and untouched.closed))
             os.write(write_end, report)
             code = 0
         finally:
@@ -83,11 +87,14 @@ def test_forked_child_reads_with_its_own_descriptor(dataset_file: Path, use_mmap
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 0
-    same, child_fd = pickle.loads(report)
+    same, child_fd, closed = pickle.loads(report)
     assert same
+    assert closed
     assert child_fd != parent_fd  # the child reopened the file
     # The parent is unaffected by the child's reopening and exit.
     assert ds._reader._handle.fd == parent_fd
     for key, item in zip(KEYS, asyncio.run(ds.query_items(KEYS)), strict=True):
         assert_same(ITEMS[key], item)
+    assert_same(ITEMS[KEYS[5]], asyncio.run(untouched.query_item(KEYS[5])))
     ds.close()
+    untouched.close()
