@@ -112,7 +112,8 @@ class KeyCursor:
     def take(self, size: int) -> tuple[int, list[int]]:
         """The epoch of the first key, and the next ``size`` keys."""
         # No await in here: concurrent requests can never take the same keys.
-        epoch, taken = self.epoch, []
+        epoch = self.epoch
+        taken: list[int] = []
         while len(taken) < size:
             stop = min(len(self.keys), self.position + size - len(taken))
             taken += self.keys[self.position : stop]

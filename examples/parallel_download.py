@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +38,16 @@ class DownloadError(Exception):
         self.url = url
         self.reason = reason
         self.status = status
+
+
+def failure_reason(exc: httpx.HTTPError) -> str:
+    """``exc`` in a few words: the underlying OS error (e.g. a refused connection) if any."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{type(exc).__name__}: {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc or 'no response'}"
 
 
 class Downloads(Dataset[str, bytes | None]):
@@ -73,8 +84,7 @@ class Downloads(Dataset[str, bytes | None]):
         try:
             response = await self.client.get(url)
         except httpx.HTTPError as exc:
-            reason = str(exc) or "no response"
-            raise DownloadError(url, f"{type(exc).__name__}: {reason}") from exc
+            raise DownloadError(url, failure_reason(exc)) from exc
         if response.status_code != 200:
             raise DownloadError(
                 url, f"HTTP {response.status_code} {response.reason_phrase}", response.status_code

@@ -43,6 +43,16 @@ class DownloadError(Exception):
         self.status = status
 
 
+def failure_reason(exc: httpx.HTTPError) -> str:
+    """``exc`` in a few words: the underlying OS error (e.g. a refused connection) if any."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{type(exc).__name__}: {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc or 'no response'}"
+
+
 def file_name(url: str) -> str:
     """The name a URL is saved under: the last part of its path."""
     name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
@@ -66,8 +76,7 @@ class Downloader:
         try:
             response = self.client.get(url)
         except httpx.HTTPError as exc:
-            reason = str(exc) or "no response"
-            raise DownloadError(url, f"{type(exc).__name__}: {reason}") from exc
+            raise DownloadError(url, failure_reason(exc)) from exc
         if response.status_code != 200:
             raise DownloadError(
                 url, f"HTTP {response.status_code} {response.reason_phrase}", response.status_code

@@ -50,7 +50,8 @@ class LogisticRegression:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         z: np.ndarray = x @ self.w + self.b
-        return 1 / (1 + np.exp(-z))
+        p: np.ndarray = 1 / (1 + np.exp(-z))
+        return p
 
     def step(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, int]:
         """One gradient step on a batch; returns its loss (before the step) and hits."""

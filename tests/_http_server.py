@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["FileServer", "refused_url", "serve_files", "sha256"]
 
@@ -83,6 +84,12 @@ def _handler(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a burst of concurrent connects must not be refused
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (a downloader cancelling after a failure)
+        # leaves a broken pipe behind: expected, not worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @contextmanager

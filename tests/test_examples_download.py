@@ -106,7 +106,7 @@ def test_async_skip_failed_stores_the_rest_and_lists_failures(
     assert "stored 80 downloads" in lines[1]
     assert lines[2] == "skipped 2 failed URLs:"
     assert lines[3] == f"  GET {missing} failed: HTTP 404 Not Found"
-    assert lines[4].startswith(f"  GET {refused} failed: ConnectError")
+    assert lines[4] == f"  GET {refused} failed: ConnectError: Connection refused"
 
 
 async def test_async_download_function_reports_failures(
@@ -173,7 +173,7 @@ def test_sync_skip_failed_keeps_going(
     )
     assert list(failures) == [missing, refused]
     assert failures[missing].status == 404
-    assert "ConnectError" in str(failures[refused])
+    assert str(failures[refused]) == f"GET {refused} failed: ConnectError: Connection refused"
     assert set(saved) == set(good)
     for url, path in saved.items():
         assert sha256(path.read_bytes()) == sha256(server.files[url.rpartition("/")[2]])
