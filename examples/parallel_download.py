@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -103,6 +104,12 @@ def _size(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
+class Report(NamedTuple):
+    stored: int  # items written to the file
+    downloaded_bytes: int
+    failures: dict[str, DownloadError]  # by URL, in --skip-failed mode
+
+
 async def download(
     urls: Sequence[str],
     out: Path,
@@ -110,8 +117,8 @@ async def download(
     skip_failed: bool = False,
     request_timeout: float = 30.0,
     progress: bool = True,
-) -> Downloads:
-    """Download ``urls`` into the PickledDataset file ``out``; return the dataset used."""
+) -> Report:
+    """Download ``urls`` into the PickledDataset file ``out``, at most ``concurrency`` at once."""
     # Connections are capped at the same bound as the downloads: a filter
     # looking ahead for keys cannot open more of them either.
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -122,8 +129,10 @@ async def download(
         source: Dataset[str, bytes | None] = downloads
         if skip_failed:
             source = FilteredDataset(downloads, lambda url, data: data is not None)
-        await PickledDataset.create(source, out, concurrency=concurrency, progress=progress)
-    return downloads
+        stored = await PickledDataset.create(
+            source, out, concurrency=concurrency, progress=progress
+        )
+    return Report(stored, downloads.downloaded_bytes, downloads.failures)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -164,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"downloading {count} URLs, at most {args.concurrency} at a time, into {args.out}")
     start = time.perf_counter()
     try:
-        downloads = asyncio.run(
+        report = asyncio.run(
             download(
                 args.urls,
                 args.out,
@@ -182,14 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     elapsed = time.perf_counter() - start
-    stored = count - len(downloads.failures)
     print(
-        f"stored {stored} downloads ({_size(downloads.downloaded_bytes)}) "
+        f"stored {report.stored} downloads ({_size(report.downloaded_bytes)}) "
         f"in {args.out} in {elapsed:.2f} s"
     )
-    if downloads.failures:
-        print(f"skipped {len(downloads.failures)} failed URLs:")
-        for failure in downloads.failures.values():
+    if report.failures:
+        print(f"skipped {len(report.failures)} failed URLs:")
+        for failure in report.failures.values():
             print(f"  {failure}")
     return 0
 

@@ -115,12 +115,13 @@ async def test_async_download_function_reports_failures(
     out = tmp_path / "some.pickle"
     missing = server.url("missing.bin")
     urls = [server.url("file-001.bin"), missing, server.url("file-002.bin")]
-    downloads = await parallel_download.download(
+    report = await parallel_download.download(
         urls, out, concurrency=2, skip_failed=True, progress=False
     )
-    assert list(downloads.failures) == [missing]
-    assert downloads.failures[missing].status == 404
-    assert downloads.downloaded_bytes == len(server.files["file-001.bin"]) + len(
+    assert report.stored == 2
+    assert list(report.failures) == [missing]
+    assert report.failures[missing].status == 404
+    assert report.downloaded_bytes == len(server.files["file-001.bin"]) + len(
         server.files["file-002.bin"]
     )
     async with await PickledDataset.open(out) as stored:
