@@ -45,6 +45,18 @@ P = ParamSpec("P")
 _log = logging.getLogger("mlworkflow_async")
 
 _INSTEAD = "`async with mlworkflow_async.SideRunner(...) as runner:`"
+_POLL_SECONDS = 0.1
+
+
+def _wait_for(future: cf.Future[T]) -> T:
+    """``future.result()``, waking up now and then.
+
+    A signal caught by another thread does not interrupt a lock wait, so an
+    endless wait could hold Ctrl-C back until the work is over.
+    """
+    while not future.done():
+        cf.wait((future,), timeout=_POLL_SECONDS)
+    return future.result()
 
 
 class _RunFuture(cf.Future[Any]):
@@ -151,7 +163,7 @@ class _Core:
         """Run ``fn`` on the loop and wait; Ctrl-C meanwhile cancels the runner."""
         future: cf.Future[Any] = self.portal.start_task_soon(fn, *args)
         try:
-            return future.result()
+            return _wait_for(future)
         except KeyboardInterrupt:
             future.cancel()
             self.abort()
@@ -164,7 +176,7 @@ class _Core:
         if first:
             self._soon(self.stop.set)
         try:
-            self.future.result()
+            _wait_for(self.future)
         except KeyboardInterrupt:
             self.abort()
             raise
@@ -180,7 +192,7 @@ class _Core:
         self.outcome_read = True
         self._soon(self.scope.cancel)
         with contextlib.suppress(Exception):
-            self.future.result()
+            _wait_for(self.future)
 
     def release(self) -> None:
         """Close without waiting: the runner was dropped without ``close()``."""

@@ -8,6 +8,7 @@ finish. After Ctrl-C, no further call may start and none may end.
 """
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -45,6 +46,10 @@ async def main():
         say("waiting")
         await runner.collect_runs()
 
+
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the parent
+# started us with SIGINT ignored (as shells do for background jobs).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if sys.argv[1] == "sync":
     blocking()
