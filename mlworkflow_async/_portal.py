@@ -57,10 +57,17 @@ def _shutdown() -> None:
             cm.__exit__(None, None, None)
 
 
+# The parent's portal, kept in a forked child: dropping it would run its
+# exit, which waits forever on a loop thread that does not exist there.
+_inherited: list[AbstractContextManager[BlockingPortal]] = []
+
+
 def _forget_after_fork() -> None:
     # The loop thread does not exist in the child; start afresh on next use.
     global _portal, _portal_cm, _lock
     _lock = threading.Lock()
+    if _portal_cm is not None:
+        _inherited.append(_portal_cm)
     _portal = None
     _portal_cm = None
 
