@@ -34,7 +34,7 @@ from ._callables import describe
 from ._portal import ensure_blocking_allowed, get_portal
 from ._prefetch import Prefetcher
 from .exceptions import RunnerClosedError
-from .side_runner import RunHandle
+from .side_runner import RunHandle, not_a_function
 from .side_runner import SideRunner as AsyncSideRunner
 
 __all__ = ["SideRunner", "SyncPrefetcher"]
@@ -96,6 +96,7 @@ class _Core:
         self.lock = threading.Lock()
         self.closed = False
         self.outcome_read = False
+        self.pid = os.getpid()
         self.future, started = self.portal.start_task(self._hold)
         self.loop: asyncio.AbstractEventLoop = started[0]
         self.stop: asyncio.Event = started[1]
@@ -120,6 +121,11 @@ class _Core:
             self.loop.call_soon_threadsafe(fn)
 
     def check_open(self, what: str) -> None:
+        if self.in_forked_child():
+            raise RunnerClosedError(
+                f"SideRunner.{what}() was called in a child process on a runner made in its "
+                f"parent, whose event loop thread does not exist here; make a new SideRunner"
+            )
         if self.closed:
             raise RunnerClosedError(
                 f"SideRunner.{what}() was called after close(); make a new SideRunner"
@@ -134,7 +140,8 @@ class _Core:
         future: _RunFuture | None,
     ) -> None:
         if not callable(f):
-            raise TypeError(f"SideRunner.{what}() needs a function first, got {f!r}")
+            raise not_a_function(what, f)
+        self.check_open(what)  # before the lock, which a fork may have copied held
         with self.lock:
             self.check_open(what)
             # FIFO with later calls: collect_runs() sees every run handed over before it.
@@ -169,7 +176,13 @@ class _Core:
             self.abort()
             raise
 
+    def in_forked_child(self) -> bool:
+        """True in a process forked from the one that made the runner."""
+        return self.pid != os.getpid()
+
     def close(self) -> None:
+        if self.in_forked_child():
+            return  # the work belongs to the parent process
         with self.lock:
             first = not self.closed
             self.closed = True
@@ -187,6 +200,8 @@ class _Core:
 
     def abort(self) -> None:
         """Cancel all work and wait until it is over; drop run failures."""
+        if self.in_forked_child():
+            return
         with self.lock:
             self.closed = True
         self.outcome_read = True
@@ -196,6 +211,8 @@ class _Core:
 
     def release(self) -> None:
         """Close without waiting: the runner was dropped without ``close()``."""
+        if self.in_forked_child():
+            return
         with self.lock:
             if self.closed:
                 return

@@ -266,6 +266,18 @@ def _as_executor(executor: Any) -> cf.Executor | None:
     )
 
 
+def not_a_function(what: str, f: object) -> TypeError:
+    """The error for ``do``/``run_async`` given something that cannot be called."""
+    if inspect.iscoroutine(f):
+        f.close()  # never to be awaited: spare the "never awaited" warning
+        return TypeError(
+            f"SideRunner.{what}() was given a coroutine, {f.__qualname__}(...), already "
+            f"called. Pass the function and its arguments instead: "
+            f"{what}({f.__qualname__}, arg, ...)"
+        )
+    return TypeError(f"SideRunner.{what}() needs a function first, got {f!r}")
+
+
 def _single_or_group(failures: list[BaseException], what: str) -> BaseException:
     if len(failures) == 1:
         return failures[0]
@@ -428,7 +440,7 @@ class SideRunner:
     ) -> RunHandle[Any]:
         session = self._open_session(what)
         if not callable(f):
-            raise TypeError(f"SideRunner.{what}() needs a function first, got {f!r}")
+            raise not_a_function(what, f)
         run: RunHandle[Any] = RunHandle(f, args, kwargs or None, detached, future)
         queue = session.queue
         queue.append(run)

@@ -582,3 +582,34 @@ async def test_leaving_the_runner_stops_unfinished_producers() -> None:
     with pytest.raises(RunnerClosedError, match="async with"):
         while True:
             await anext(stream)
+
+
+async def test_a_coroutine_instead_of_a_function_gets_a_hint() -> None:
+    async def fetch(x: int) -> int:
+        return x
+
+    async with SideRunner(1) as runner:
+        with pytest.raises(TypeError, match=r"coroutine.*run_async\(.*fetch, arg"):
+            runner.run_async(fetch(1))  # type: ignore[arg-type]
+
+
+async def test_yield_async_with_nothing_in_advance_fetches_on_demand() -> None:
+    produced = 0
+
+    def numbers() -> object:
+        nonlocal produced
+        for i in range(10):
+            produced += 1
+            yield i
+
+    async with SideRunner() as runner:
+        stream = runner.yield_async(numbers(), in_advance=0)
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert produced == 0
+        assert await anext(stream) == 0
+        assert await anext(stream) == 1
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert produced == 2
+        await stream.aclose()
