@@ -35,6 +35,9 @@ class ChunkedKeySequence(KeySequence[K]):
 
     Behaves exactly like its base for readers; each pull appends a whole
     chunk, so the per-key cost of an asynchronous source is paid per chunk.
+    The source must be resumable after an interrupted step, as
+    :class:`DerivedKeyChunks` is: a failure or a cancellation is retried from
+    where it happened, without deriving the earlier chunks again.
     """
 
     __slots__ = ()
@@ -54,20 +57,12 @@ class ChunkedKeySequence(KeySequence[K]):
             assert source is not None, "the source of a ChunkedKeySequence must be async"
             while True:
                 chunk = await anext(source)
-                if self._skip:
-                    # Restarted after an interruption: drop what is cached already.
-                    dropped = min(self._skip, len(chunk))
-                    self._skip -= dropped
-                    chunk = chunk[dropped:]
                 if chunk:
                     self._cache.extend(chunk)
                     return
         except StopAsyncIteration:
             self._done = True
             self._aiter = None
-        except BaseException:
-            self._restart()
-            raise
         finally:
             self._pulling = None
             pulling.set()

@@ -167,12 +167,14 @@ class Memo(Generic[K, T]):
     ) -> list[T]:
         """The values of ``keys``; the ones nobody holds or loads come from one ``fetch_many``."""
         data = self._data
-        if not self._flights:
-            unique = set(keys)
-            if len(unique) == len(keys) and data.keys().isdisjoint(unique):
-                # None held, none loading, none repeated: the usual case when
-                # discovering keys, handled with bulk operations only.
-                return await self._fetch_all(list(keys), fetch_many)
+        if (
+            not self._flights
+            and data.keys().isdisjoint(keys)
+            and len(set(keys)) == len(keys)
+        ):
+            # None held, none loading, none repeated: the usual case when
+            # discovering keys, handled with bulk operations only.
+            return await self._fetch_all(list(keys), fetch_many)
         get = data.get
         values: list[Any] = [get(key, MISSING) for key in keys]
         missing = [index for index, value in enumerate(values) if value is MISSING]

@@ -9,6 +9,7 @@ import pytest
 
 from mlworkflow_async import DictDataset, FilteredDataset, KeysNotReadyError
 from tests._datasets import Counting
+from tests.conftest import wait_until
 
 SEED = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e", 6: "f"}
 
@@ -194,3 +195,35 @@ def test_blocking_view_and_successive_event_loops() -> None:
     assert ds.sync.keys.all() == (3, 4, 5, 6)
     assert asyncio.run(ds.query_items([4, 6])) == ["d", "f"]
     assert [batch.tolist() for _, batch in ds.sync.batches(3)] == [["c", "d", "e"], ["f"]]
+
+
+async def test_interrupted_key_discovery_resumes_where_it_stopped() -> None:
+    parent = Counting({i: i for i in range(100)})
+    failures = [50]
+
+    def flaky(key: int, item: int) -> bool:
+        if failures and key == failures[0]:
+            failures.pop()
+            raise OSError("flaky storage")
+        return True
+
+    ds = FilteredDataset(parent, flaky)
+    with pytest.raises(OSError, match="flaky storage"):
+        await ds.keys.all()
+    assert await ds.keys.all() == tuple(range(100))
+    assert parent.fetches[0] == 1  # chunks judged before the failure are not redone
+    assert parent.total < 200
+
+
+async def test_cancelled_key_discovery_loses_nothing() -> None:
+    gate = asyncio.Event()
+    parent = Counting({i: str(i) for i in range(40)}, gate=gate)
+    ds = FilteredDataset(parent, lambda k, v: k % 4 == 0)
+    task = asyncio.create_task(ds.keys.all())
+    await wait_until(lambda: parent.waiting > 0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    assert await ds.keys.all() == tuple(range(0, 40, 4))
+    assert await ds.query_items([0, 36]) == ["0", "36"]
