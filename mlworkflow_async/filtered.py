@@ -106,8 +106,9 @@ class FilteredDataset(Dataset[K, V]):
                 f"{key!r}: declare it `async def` so that the dataset awaits it"
             )
         raise TypeError(
-            f"the predicate {describe(self.predicate)} returned a {type(result).__name__} "
-            f"for key {key!r}, but it must return a bool; convert explicitly, e.g. "
+            f"the predicate {describe(self.predicate)} returned a value of type "
+            f"{type(result).__name__} for key {key!r}, but it must return a bool; convert "
+            f"explicitly, e.g. "
             f"`lambda k: bool(...)`, if truthiness is really meant"
         )
 
@@ -245,7 +246,7 @@ class FilteredDataset(Dataset[K, V]):
             if not await self._keeps(key, item):
                 raise self._rejected(key)
             return item
-        if not (self._keeps_sync(key) if not self._async else await self._keeps(key)):
+        if not await self._keeps(key):
             raise self._rejected(key)
         try:
             return await self.parent.query_item(key)

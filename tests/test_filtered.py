@@ -127,14 +127,14 @@ def test_wrong_arity_is_a_type_error_at_construction(predicate: object) -> None:
 
 async def test_non_bool_result_is_a_type_error_naming_key_and_type() -> None:
     by_key = FilteredDataset(DictDataset(SEED), lambda k: k % 2)
-    with pytest.raises(TypeError, match=r"returned a int for key 1\b.*must return a bool"):
+    with pytest.raises(TypeError, match=r"type int for key 1\b.*must return a bool"):
         await by_key.keys.all()
     with pytest.raises(TypeError, match="for key 4"):
         await by_key.query_item(4)
     by_pair = FilteredDataset(DictDataset(SEED), lambda k, v: v)
-    with pytest.raises(TypeError, match="returned a str for key 1"):
+    with pytest.raises(TypeError, match="returned a value of type str for key 1"):
         await by_pair.keys.all()
-    with pytest.raises(TypeError, match="returned a str for key 2"):
+    with pytest.raises(TypeError, match="returned a value of type str for key 2"):
         await by_pair.query_item(2)
 
 
