@@ -97,6 +97,9 @@ class _Core:
         self.closed = False
         self.outcome_read = False
         self.pid = os.getpid()
+        # Calls handed over from threads, taken by the loop in batches: one
+        # wake-up of the loop per batch rather than per call.
+        self.inbox: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
         self.future, started = self.portal.start_task(self._hold)
         self.loop: asyncio.AbstractEventLoop = started[0]
         self.stop: asyncio.Event = started[1]
@@ -144,27 +147,25 @@ class _Core:
         self.check_open(what)  # before the lock, which a fork may have copied held
         with self.lock:
             self.check_open(what)
-            # FIFO with later calls: collect_runs() sees every run handed over before it.
-            self.loop.call_soon_threadsafe(self._enqueue, what, f, args, kwargs, future)
+            self.inbox.append((what, f, args, kwargs, future))
+            if len(self.inbox) == 1:
+                # Scheduled before any later collect_runs(), which thus sees this run.
+                self.loop.call_soon_threadsafe(self._take_inbox)
 
-    def _enqueue(
-        self,
-        what: str,
-        f: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        future: _RunFuture | None,
-    ) -> None:
-        try:
-            run = self.runner._enqueue(what, f, args, kwargs, future is None, future)
-        except Exception as exc:  # the runner was cancelled meanwhile
-            if future is not None:
-                future.set_exception(exc)
+    def _take_inbox(self) -> None:
+        with self.lock:
+            inbox, self.inbox = self.inbox, []
+        for what, f, args, kwargs, future in inbox:
+            try:
+                run = self.runner._enqueue(what, f, args, kwargs, future is None, future)
+            except Exception as exc:  # the runner was cancelled meanwhile
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    _log.error("SideRunner.do(%s) was dropped", describe(f), exc_info=exc)
             else:
-                _log.error("SideRunner.do(%s) was dropped", describe(f), exc_info=exc)
-        else:
-            if future is not None:
-                future.handle = run
+                if future is not None:
+                    future.handle = run
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the loop and wait; Ctrl-C meanwhile cancels the runner."""
