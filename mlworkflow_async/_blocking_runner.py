@@ -123,12 +123,15 @@ class _Core:
         with contextlib.suppress(RuntimeError):  # the loop is gone already
             self.loop.call_soon_threadsafe(fn)
 
-    def check_open(self, what: str) -> None:
+    def check_process(self, what: str) -> None:
         if self.in_forked_child():
             raise RunnerClosedError(
                 f"SideRunner.{what}() was called in a child process on a runner made in its "
                 f"parent, whose event loop thread does not exist here; make a new SideRunner"
             )
+
+    def check_open(self, what: str) -> None:
+        self.check_process(what)
         if self.closed:
             raise RunnerClosedError(
                 f"SideRunner.{what}() was called after close(); make a new SideRunner"
@@ -169,6 +172,7 @@ class _Core:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on the loop and wait; Ctrl-C meanwhile cancels the runner."""
+        self.check_process(getattr(fn, "__name__", "call"))
         future: cf.Future[Any] = self.portal.start_task_soon(fn, *args)
         try:
             return _wait_for(future)
@@ -295,7 +299,8 @@ class SyncPrefetcher(Iterator[T], Generic[T]):
         if not self._done:
             self._done = True
             ensure_blocking_allowed("SyncPrefetcher.close()", "`await prefetcher.aclose()`")
-            self._core.portal.call(self._prefetcher.aclose)
+            if not self._core.in_forked_child():
+                self._core.portal.call(self._prefetcher.aclose)
 
     def __enter__(self) -> SyncPrefetcher[T]:
         return self
