@@ -133,6 +133,7 @@ class _Pipeline(Generic[K]):
         self._tasks: list[asyncio.Task[None]] = []
         self._sync_iter: Iterator[K] | None = None
         self._async_iter: AsyncIterator[K] | None = None
+        self._key_seq: KeySequence[K] | None = None
         self._claim_lock: asyncio.Lock | None = None
         self._progress: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -195,6 +196,9 @@ class _Pipeline(Generic[K]):
         if isinstance(source, KeySequence) and source.complete:
             # Known keys are claimed without awaiting anything: the fast path.
             self._sync_iter = iter(source.known)
+        elif isinstance(source, KeySequence):
+            # Claimed by position, a whole unit per await rather than key by key.
+            self._key_seq = source
         elif isinstance(source, AsyncIterable):
             self._async_iter = aiter(source)
         else:
@@ -263,6 +267,12 @@ class _Pipeline(Generic[K]):
                 return self._claimed, []
             if sync_iter is not None:
                 return self._take_now(sync_iter)
+            if self._key_seq is not None:
+                start = self._claimed
+                claimed = await self._key_seq.slice(start, start + self._unit)
+                if len(claimed) < self._unit:
+                    self._exhausted = True
+                return self._register(claimed)
             assert self._async_iter is not None
             keys: list[K] = []
             for _ in range(self._unit):

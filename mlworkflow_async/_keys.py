@@ -123,6 +123,11 @@ class KeySequence(Generic[K]):
             await self._pull()
         return True
 
+    async def slice(self, start: int, stop: int) -> list[K]:
+        """The keys from ``start`` to ``stop``, discovering them as needed (fewer at the end)."""
+        await self.fill_to(stop)
+        return self._cache[start:stop]
+
     async def chunk_from(self, start: int, size: int, budget: float = 0.02) -> tuple[K, ...]:
         """Up to ``size`` keys from ``start``; empty when there are none.
 
