@@ -1,7 +1,8 @@
 """Blocking facades for plain scripts.
 
 ``dataset.sync`` is a :class:`SyncView`; ``SideRunner`` here is the blocking
-twin of :class:`mlworkflow_async.SideRunner`. Both run the one async
+twin of :class:`mlworkflow_async.SideRunner`, and ``PickledDataset`` the twin
+of :class:`mlworkflow_async.PickledDataset` whose ``create`` blocks. All run the one async
 implementation on a shared background event-loop thread; they never
 reimplement it. Calling them from inside a running event loop raises
 :class:`~mlworkflow_async.exceptions.SyncInLoopError` instead of freezing it.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
+from . import pickled as _pickled
 from ._blocking_runner import SideRunner
 from ._portal import ensure_blocking_allowed, get_portal
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from ._keys import KeySequence
     from .dataset import Dataset
 
-__all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner"]
+__all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner", "PickledDataset"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -161,3 +163,46 @@ class SyncView(Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"<blocking view of {self.dataset!r}>"
+
+
+class PickledDataset(_pickled.PickledDataset):
+    """:class:`mlworkflow_async.PickledDataset` with a blocking :meth:`create`.
+
+    The seed's script API, as it was: ``PickledDataset.create(dataset, path)``
+    then ``PickledDataset(path)``. Reading is the same class; use ``ds.sync``
+    for blocking reads.
+
+    >>> import os, tempfile
+    >>> from mlworkflow_async import DictDataset
+    >>> path = os.path.join(tempfile.mkdtemp(), "letters.pkl")
+    >>> PickledDataset.create(DictDataset({1: "a", 2: "b"}), path)
+    2
+    >>> with PickledDataset(path) as ds:
+    ...     print(ds.sync.query_item(2), len(ds))
+    b 2
+    """
+
+    @classmethod
+    def create(  # type: ignore[override]
+        cls,
+        dataset: Any,
+        path: Any,
+        keys: Iterable[Any] | None = None,
+        *,
+        concurrency: int = 256,
+        progress: bool = False,
+    ) -> int:
+        """Blocking :meth:`mlworkflow_async.PickledDataset.create`; returns the item count."""
+        ensure_blocking_allowed(
+            "mlworkflow_async.sync.PickledDataset.create()",
+            "`await mlworkflow_async.PickledDataset.create(...)`",
+        )
+        create = _pickled.PickledDataset.create
+
+        async def run() -> int:
+            return await create(
+                dataset, path, keys, concurrency=concurrency, progress=progress
+            )
+
+        count: int = get_portal().call(run)
+        return count

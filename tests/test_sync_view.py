@@ -80,3 +80,21 @@ async def test_sync_view_refuses_inside_a_running_loop() -> None:
         with pytest.raises(SyncInLoopError, match=r"(await|async for)"):
             call()
     assert issubclass(SyncInLoopError, RuntimeError)
+
+
+def test_blocking_pickled_create_round_trip(tmp_path: Any) -> None:
+    from mlworkflow_async.sync import PickledDataset
+
+    path = tmp_path / "d.pkl"
+    assert PickledDataset.create(DictDataset({i: {"v": i} for i in range(50)}), path) == 50
+    with PickledDataset(path) as ds:
+        assert len(ds) == 50
+        assert ds.sync.query_item(7) == {"v": 7}
+
+
+async def test_blocking_pickled_create_refuses_inside_a_loop(tmp_path: Any) -> None:
+    from mlworkflow_async.sync import PickledDataset
+
+    with pytest.raises(SyncInLoopError, match=r"await mlworkflow_async\.PickledDataset\.create"):
+        PickledDataset.create(DictDataset({1: 1}), tmp_path / "x.pkl")
+    assert not (tmp_path / "x.pkl").exists()
