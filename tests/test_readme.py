@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._http_server import serve_files
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
@@ -25,5 +27,13 @@ def test_readme_block_runs(
     script.write_text(BLOCKS[index])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(script)])
-    runpy.run_path(str(script), run_name="__main__")
-    assert capsys.readouterr().out.strip(), "every README example prints what it did"
+    files = {f"file{i}.txt": f"content of file {i}\n".encode() for i in range(20)}
+    with serve_files(files) as server:  # for the downloader examples
+        monkeypatch.setenv("FILES_URL", server.base_url)
+        runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.strip(), "every README example prints what it did"
+    if "FILES_URL" in BLOCKS[index]:
+        total = sum(map(len, files.values()))
+        assert f"20 files, {total} bytes" in out
+        assert 1 < server.max_active <= 10
