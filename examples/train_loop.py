@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mlworkflow_async import DictDataset
+from mlworkflow_async import Dataset, DictDataset
 from mlworkflow_async.sync import PickledDataset, SideRunner
 
 Batch = tuple[np.ndarray, np.ndarray]  # features and labels
@@ -79,7 +79,7 @@ def prepare(path: Path, items: int, features: int, separation: float, seed: int)
 
 
 def train(
-    ds: PickledDataset,
+    ds: Dataset[int, Any],
     epochs: int,
     batch_size: int,
     learning_rate: float,

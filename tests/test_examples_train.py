@@ -12,13 +12,6 @@ from pathlib import Path
 import pytest
 
 import mlworkflow_async.sync as blocking
-
-if not hasattr(blocking, "PickledDataset"):
-    pytest.skip(
-        "the blocking PickledDataset twin is not in mlworkflow_async.sync yet",
-        allow_module_level=True,
-    )
-
 from examples import train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
