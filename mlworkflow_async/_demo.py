@@ -66,7 +66,7 @@ async def _run(items: int, folder: str) -> bool:
         f"mlworkflow-async demo: {len(source):,} generated sensor readings, "
         f"each fetch waits {LATENCY * 1000:.0f} ms like a remote read"
     )
-    pipeline = TransformedDataset(
+    pipeline: Dataset[Reading, dict[str, Any]] = TransformedDataset(
         FilteredDataset(source, lambda key: key.sensor != sensors - 1), [_normalise]
     )
     kept = len(await pipeline.keys.all())
