@@ -10,9 +10,10 @@ cost no thread hop at all. What it refuses, and batches too large to copy on
 the loop, are read in one worker thread call per batch.
 
 Large out-of-band buffers (numpy arrays of 1 MiB or more) are not copied:
-they become private copy-on-write maps of the file, prefaulted in the worker
-thread (``MADV_POPULATE_READ``) so that touching them later does not wait
-for the disk either.
+they become private copy-on-write maps of the file. Such an item is served
+on the loop when all its pages are in the page cache (``mincore``); if not,
+the worker thread reads them in and maps them (``MADV_POPULATE_READ``).
+Either way, touching the array later does not wait for the disk.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ import errno
 import mmap
 import os
 import stat
-import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio.to_thread
-import numpy as np
 
+from . import _page_cache as pages
 from ._legacy_format import looks_legacy, parse_legacy
 from ._pickle_format import (
+    ALIGN,
     HEADER_SIZE,
     MAGIC,
     MAP_THRESHOLD,
@@ -53,44 +54,14 @@ INLINE_BYTES = 1 << 20
 _YIELD_EVERY = 256
 
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
-_POPULATE: int | None = getattr(
-    mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None
-)
-
-
-def _load_madvise() -> Callable[[int, int, int], None] | None:
-    # ``mmap.madvise`` holds the GIL while the kernel reads the pages, which
-    # would stall the event loop; a foreign call through ctypes releases it.
-    if _POPULATE is None:
-        return None
-    try:
-        import ctypes
-
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (ImportError, OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    function.restype = ctypes.c_int
-
-    def madvise(address: int, length: int, advice: int) -> None:
-        if function(address, length, advice) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return madvise
-
-
-_MADVISE = _load_madvise()
-
-
-def _address(mapping: mmap.mmap) -> int:
-    """Where ``mapping`` starts in memory."""
-    address: int = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
-    return address
 # The filesystem or kernel does not support the request at all.
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)}
 
 _generation = 0
+_COLD = object()  # an item that must be read in a worker thread
+# Scratch space receiving the padding between a pickle and its buffer; what
+# lands there is never read, so concurrent reads may share it.
+_GAPS = [bytearray(size) for size in range(ALIGN)]
 
 
 def _forked() -> None:
@@ -187,8 +158,9 @@ class FileReader:
             raise
         self.entries = self.layout.entries
         self.inline = _NOWAIT is not None
-        self.private_maps = _MADVISE is not None
-        self.populate = _MADVISE is not None
+        # Whether the page cache can be queried and populated (Linux).
+        self.private_maps = pages.AVAILABLE
+        self.populate = pages.AVAILABLE
         self._generation = _generation
         self._since_yield = 0
 
@@ -307,13 +279,28 @@ class FileReader:
             for key in keys:
                 offset, span, plen, buffers = entries[key]
                 if span >= budget:
-                    cold.append(len(out))
-                    append(None)
+                    item = _COLD
+                    if buffers is not None and span >= MAP_THRESHOLD and self.private_maps:
+                        item = self._large_inline(fd, offset, plen, buffers)
+                    if item is _COLD:
+                        cold.append(len(out))
+                    append(None if item is _COLD else item)
                     continue
                 budget -= span
-                buf = bytearray(span)
+                buf = bytearray(plen)
+                if buffers is None:
+                    parts: tuple[bytearray, ...] = (buf,)
+                elif len(buffers) == 1 and buffers[0][0] - plen < ALIGN:
+                    # Scattered straight into the pickle's and the array's own
+                    # buffers: no slicing, and the array is aligned in memory.
+                    ((a, b),) = buffers
+                    array = bytearray(b - a)
+                    parts = (buf, _GAPS[a - plen], array)
+                else:
+                    buf = bytearray(span)
+                    parts = (buf,)
                 try:
-                    got = preadv(fd, (buf,), offset, nowait)
+                    got = preadv(fd, parts, offset, nowait)
                 except BlockingIOError:  # not in the page cache
                     got = -1
                 except OSError as exc:  # left to the blocking path to report
@@ -326,17 +313,44 @@ class FileReader:
                     append(None)
                 elif buffers is None:
                     append(loads(buf))
+                elif len(parts) == 3:
+                    append(loads(buf, buffers=(array,)))
                 else:
                     whole = memoryview(buf)
-                    if len(buffers) == 1:
-                        ((a, b),) = buffers
-                        append(loads(whole[:plen], buffers=(whole[a:b],)))
-                    else:
-                        append(loads(whole[:plen], buffers=[whole[a:b] for a, b in buffers]))
+                    append(loads(whole[:plen], buffers=[whole[a:b] for a, b in buffers]))
         except Exception as exc:
             failure = self._failure(key, exc)
             raise failure from (None if isinstance(failure, KeyError) else exc)
         return out, cold
+
+    def _large_inline(
+        self, fd: int, offset: int, plen: int, buffers: tuple[tuple[int, int], ...]
+    ) -> Any:
+        """An item with large buffers, if all its pages are cached; else ``_COLD``.
+
+        Its large buffers are mapped, not copied: cheap enough for the loop.
+        """
+        nowait: int = _NOWAIT  # type: ignore[assignment]
+        data = bytearray(plen)
+        loaded: list[Any] = []
+        try:
+            if os.preadv(fd, (data,), offset, nowait) != plen:
+                return _COLD
+            for a, b in buffers:
+                size = b - a
+                if size >= MAP_THRESHOLD:
+                    mapped = self._map_private(fd, None, offset + a, size, inline=True)
+                    if mapped is None:
+                        return _COLD
+                    loaded.append(mapped)
+                else:
+                    small = bytearray(size)
+                    if os.preadv(fd, (small,), offset + a, nowait) != size:
+                        return _COLD
+                    loaded.append(small)
+        except OSError:  # not cached, or failing: the worker thread will tell
+            return _COLD
+        return self._loads(data, buffers=loaded)
 
     def _read_inline_mapped(
         self, handle: _Handle, keys: Sequence[Any]
@@ -353,8 +367,12 @@ class FileReader:
             for key in keys:
                 offset, span, plen, buffers = entries[key]
                 got = -1
-                if span < budget:
+                if buffers is not None and span >= MAP_THRESHOLD:
+                    ready = self.populate and self._resident(handle, offset, buffers)
+                else:
+                    ready = span < budget
                     budget -= span
+                if ready:
                     buf = bytearray(plen)
                     try:
                         got = os.preadv(fd, (buf,), offset, nowait)
@@ -434,32 +452,63 @@ class FileReader:
             done += got
         return buf
 
-    def _map_private(self, fd: int, key: object, start: int, size: int) -> memoryview | None:
+    def _map_private(
+        self, fd: int, key: object, start: int, size: int, inline: bool = False
+    ) -> memoryview | None:
+        """A private copy-on-write map of ``[start, start + size)`` of the file.
+
+        ``inline``: only if its pages are all in the page cache (a cheap
+        check), else None. Otherwise the pages are read in and mapped now,
+        in this worker thread; None if the kernel cannot (copy instead).
+        """
+        known = pages.cached(fd, start, size) if inline else None
+        if known is False:
+            return None
         base = start - start % mmap.ALLOCATIONGRANULARITY
         try:
             private = mmap.mmap(fd, start + size - base, access=mmap.ACCESS_COPY, offset=base)
         except ValueError:  # the file is now shorter than the index says
+            if inline:
+                return None
             raise self._past_end(key) from None
-        assert _MADVISE is not None
-        assert _POPULATE is not None
         try:
-            _MADVISE(_address(private), len(private), _POPULATE)
+            if inline:
+                if known is None and not pages.resident(private, 0, len(private)):
+                    private.close()
+                    return None
+            else:
+                pages.populate(private, 0, len(private))
         except OSError as exc:
             private.close()
             if exc.errno in _UNSUPPORTED:
                 self.private_maps = False  # copy instead, from now on
                 return None
+            if inline:
+                return None
             raise self._populate_error(key, exc) from exc
         return memoryview(private)[start - base:start - base + size]
+
+    def _resident(self, handle: _Handle, offset: int, buffers: tuple[tuple[int, int], ...]) -> bool:
+        """Whether the large buffers of an item are in the page cache (``mmap=True``)."""
+        shared = handle.map
+        assert shared is not None
+        try:
+            for a, b in buffers:
+                if b - a >= MAP_THRESHOLD:
+                    known = pages.cached(handle.fd, offset + a, b - a)
+                    if known is None:
+                        known = pages.resident(shared, offset + a, b - a)
+                    if not known:
+                        return False
+        except OSError:
+            return False
+        return True
 
     def _populate(self, shared: mmap.mmap, key: object, start: int, size: int) -> None:
         if not self.populate:
             return
-        assert _MADVISE is not None
-        assert _POPULATE is not None
-        base = start - start % mmap.PAGESIZE
         try:
-            _MADVISE(_address(shared) + base, start + size - base, _POPULATE)
+            pages.populate(shared, start, size)
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 self.populate = False

@@ -7,7 +7,6 @@ left to the callers, so that it can happen off the event loop.
 
 from __future__ import annotations
 
-import io
 import pickle
 import struct
 import zlib
@@ -151,6 +150,19 @@ class ItemPickler(pickle.Pickler):
         return NotImplemented
 
 
+class _Target:
+    """A file-like object for the pickler: it appends to a bytearray."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, blob: bytearray) -> None:
+        self.write = blob.extend
+
+
+#: Out-of-band buffers smaller than this are copied into the output in one go.
+_COPY_LIMIT = 64 << 10
+
+
 class Encoder:
     """Turns ``(key, item)`` chunks into the bytes to append, and the final index.
 
@@ -169,11 +181,22 @@ class Encoder:
         self._buffers: list[bytes] = []
 
     def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
-        """Pickle ``items``; return the buffers to write, in order."""
-        stream = io.BytesIO()
+        """Pickle ``items``; return the buffers to write, in order.
+
+        Pickles, padding and small out-of-band buffers are gathered in one
+        bytearray; large buffers are written from the arrays' own memory.
+        Few objects stay alive meanwhile, which spares the cyclic garbage
+        collector (whose full passes would pause the event loop too).
+        """
+        blob = bytearray()
+        target = _Target(blob)
         oob: list[pickle.PickleBuffer] = []
-        pickler = ItemPickler(stream, PROTOCOL, buffer_callback=oob.append)
-        marks: list[tuple[int, int, int, int]] = []
+        pickler = ItemPickler(target, PROTOCOL, buffer_callback=oob.append)
+        large: list[tuple[int, memoryview]] = []  # (where in blob, buffer)
+        base = self.position
+        extra = 0  # bytes of the large buffers so far
+        table: list[int] = []
+        buffer_rows: list[int] = []
         seen = self._seen
         for key, item in zip(keys, items, strict=True):
             try:
@@ -184,7 +207,7 @@ class Encoder:
                 seen.add(key)
             except TypeError:
                 raise TypeError(f"keys must be hashable, got {key!r}") from None
-            start, first = stream.tell(), len(oob)
+            start = len(blob)
             try:
                 pickler.dump(item)
             except Exception as exc:
@@ -193,43 +216,44 @@ class Encoder:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             pickler.clear_memo()
-            marks.append((start, stream.tell(), first, len(oob)))
-        data = stream.getbuffer()
-        out: list[Any] = []
-        table: list[int] = []
-        buffer_rows: list[int] = []
-        pos = self.position
-        for start, stop, first, last in marks:
-            plen = stop - start
-            if first == last:
-                out.append(data[start:stop])
-                table += (pos, plen, plen, 0)
-                pos += plen
+            plen = len(blob) - start
+            first = base + extra + start
+            if not oob:
+                table += (first, plen, plen, 0)
                 continue
-            pad = -pos % ALIGN
-            if pad:
-                out.append(_ZEROS[:pad])
-                pos += pad
-            base = pos
-            out.append(data[start:stop])
-            pos += plen
-            for buffer in oob[first:last]:
+            pad = -first % ALIGN
+            if pad:  # the item starts aligned, and so do its buffers in memory
+                blob[start:start] = _ZEROS[:pad]
+                first += pad
+            for buffer in oob:
                 raw = buffer.raw()
                 size = raw.nbytes
+                pos = base + extra + len(blob)
                 pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
-                if pad:
-                    out.append(_ZEROS[:pad])
-                    pos += pad
-                buffer_rows += (pos - base, pos - base + size)
-                out.append(raw)
-                pos += size
-            table += (base, pos - base, plen, last - first)
-        self.position = pos
+                blob += _ZEROS[:pad]
+                buffer_rows += (pos + pad - first, pos + pad - first + size)
+                if size >= _COPY_LIMIT:
+                    large.append((len(blob), raw))
+                    extra += size
+                else:
+                    blob += raw
+            table += (first, base + extra + len(blob) - first, plen, len(oob))
+            oob.clear()
+        self.position = base + extra + len(blob)
         self._table.append(np.asarray(table, dtype="<u8").tobytes())
         self._buffers.append(np.asarray(buffer_rows, dtype="<u8").tobytes())
         self._keys += keys
-        self.count += len(marks)
-        return out
+        self.count += len(table) // 4
+        if not large:
+            return [blob]
+        view = memoryview(blob)
+        parts: list[Any] = []
+        done = 0
+        for at, raw in large:
+            parts += (view[done:at], raw)
+            done = at
+        parts.append(view[done:])
+        return parts
 
     def finish(self, context: Mapping[str, Any] | None) -> bytes:
         """The index and trailer that end the file."""

@@ -138,6 +138,19 @@ async def test_large_arrays_are_private_copy_on_write(tmp_path: Any) -> None:
         np.testing.assert_array_equal(again, arrays[2])
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     np.testing.assert_array_equal(got[1], arrays[0])  # still valid after close
+    assert isinstance(array_owner(got[1]), mmap.mmap)
+
+
+async def test_large_arrays_are_copied_where_maps_are_unavailable(tmp_path: Any) -> None:
+    array = np.arange(300_000, dtype=np.float64)
+    path = tmp_path / "copied.pkl"
+    await PickledDataset.create(DictDataset({"a": array}), path)
+    async with await PickledDataset.open(path) as ds:
+        ds._reader.private_maps = False  # as without Linux page cache calls
+        got = await ds.query_item("a")
+    np.testing.assert_array_equal(got, array)
+    assert got.flags.writeable
+    assert isinstance(array_owner(got), bytearray)
 
 
 async def test_mmap_arrays_are_read_only_views_of_the_file(tmp_path: Any) -> None:
