@@ -80,9 +80,10 @@ class PickledDataset(Dataset[Any, Any]):
     With ``mmap=True`` arrays are read-only views of a memory map of the
     file (no copy); pages of small arrays are read when first touched. By
     default arrays are writable; those of 1 MiB or more are private
-    copy-on-write maps of the file rather than copies (prefaulted in a
-    worker thread). Never modify a file in place while it is open:
-    :meth:`create` replaces files atomically, which is safe.
+    copy-on-write maps of the file rather than copies, handed out once
+    their pages are in memory (checked, or read in by a worker thread).
+    Never modify a file in place while it is open: :meth:`create` replaces
+    files atomically, which is safe.
 
     **Unpickling runs code chosen by whoever wrote the file.** Only open
     files you trust, or pass ``safe=True``: then only builtin containers and
