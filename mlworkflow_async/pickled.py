@@ -242,7 +242,8 @@ class PickledDataset(Dataset[Any, Any]):
         ``path`` is written atomically: the data goes to a temporary file in
         the same folder, synced, then renamed to ``path``. On an error,
         cancellation or Ctrl-C the temporary file is removed and any
-        previous file at ``path`` is left as it was. ``path`` may instead be
+        previous file at ``path`` is left as it was (a killed process leaves
+        its ``.NAME.*.tmp`` behind; readers reject it as unfinished). ``path`` may instead be
         a binary file object open for writing, at its start; it is written
         directly, so an interrupted write leaves it partial (and unreadable:
         readers detect it).
