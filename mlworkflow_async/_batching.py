@@ -123,6 +123,8 @@ class _Pipeline(Generic[K]):
         self._window = 2 * concurrency + batch_size
         self._keys: dict[int, K] = {}
         self._results: dict[int, Any] = {}
+        # Bulk backends: each claim is a whole batch, kept whole until handed out.
+        self._whole: dict[int, tuple[list[K], list[Any] | _Failure]] = {}
         self._claimed = 0  # items claimed by workers so far
         self._head = 0  # index of the first item not handed out yet
         self._head_filled = 0  # finished items in the head batch
@@ -157,6 +159,8 @@ class _Pipeline(Generic[K]):
             raise StopAsyncIteration
         if not self._tasks and not self._exhausted:
             self._start()
+        if self._unit > 1:
+            return await self._next_whole_batch()
         assert self._progress is not None
         head = self._head
         while True:
@@ -186,6 +190,32 @@ class _Pipeline(Generic[K]):
         self._head_filled = sum(
             1 for i in range(self._head, self._head + self._batch_size) if i in self._results
         )
+        self._wake_room()
+        return keys, self._collate(items)
+
+    async def _next_whole_batch(self) -> tuple[list[K], Any]:
+        """The next batch when every claim is a whole batch (bulk backends)."""
+        assert self._progress is not None
+        head = self._head
+        while True:
+            done = self._whole.pop(head, None)
+            if done is not None:
+                break
+            if self._claimed <= head and self._exhausted:
+                await self.aclose()
+                if self._source_error is not None:
+                    raise self._source_error
+                raise StopAsyncIteration
+            self._progress.clear()
+            await self._progress.wait()
+        keys, items = done
+        if isinstance(items, _Failure):
+            await self.aclose()
+            raise items.exc
+        if len(keys) < self._batch_size and self._drop_incomplete:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._head = head + len(keys)
         self._wake_room()
         return keys, self._collate(items)
 
@@ -238,8 +268,9 @@ class _Pipeline(Generic[K]):
 
     def _register(self, keys: list[K]) -> tuple[int, list[K]]:
         start = self._claimed
-        for offset, key in enumerate(keys):
-            self._keys[start + offset] = key
+        if self._unit == 1:
+            for offset, key in enumerate(keys):
+                self._keys[start + offset] = key
         self._claimed = start + len(keys)
         if self._exhausted:
             self._wake_consumer()
@@ -356,12 +387,21 @@ class _Pipeline(Generic[K]):
                 return
             try:
                 results = list(await dataset.query_items(keys))
+                if len(results) != len(keys):
+                    raise RuntimeError(
+                        f"{type(dataset).__name__}.query_items returned {len(results)} "
+                        f"items for {len(keys)} keys"
+                    )
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                self._record(start, [_Failure(exc)] * len(keys), failed=True)
+                self._failed = True
+                self._whole[start] = (keys, _Failure(exc))
+                self._wake_consumer()
                 return
-            self._record(start, results, failed=False)
+            self._whole[start] = (keys, results)
+            if start == self._head:
+                self._wake_consumer()
 
     def _record(self, start: int, results: list[Any], failed: bool) -> None:
         head, stop = self._head, self._head + self._batch_size

@@ -62,6 +62,14 @@ def batchify(items: Sequence[Any], wrapper: Any = np.array) -> Any:
     if not items:
         return wrap([])
     first = items[0]
+    if type(first) is dict:
+        # The common case, kept cheap: plain dicts with the same fields.
+        width = len(first)
+        try:
+            if all(len(item) == width for item in items):
+                return {name: wrap([item[name] for item in items]) for name in first}
+        except (KeyError, TypeError):
+            pass  # reported precisely below
     first_map = _as_mapping(first)
     if first_map is not None:
         columns: dict[Any, list[Any]] = {name: [] for name in first_map}

@@ -159,3 +159,60 @@ async def test_collate_fn_receives_the_items() -> None:
     ds = DictDataset({i: str(i) for i in range(5)})
     got: list[Any] = [b async for _, b in ds.batches(2, collate_fn="".join)]
     assert got == ["01", "23", "4"]
+
+
+class Bulk(Dataset[int, int]):
+    """A backend that fetches many items per call, as PickledDataset does."""
+
+    batched_queries = True
+
+    def __init__(self, n: int, fail: int | None = None, short: bool = False) -> None:
+        self.n = n
+        self.fail = fail
+        self.short = short
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    def yield_keys(self) -> range:
+        return range(self.n)
+
+    async def query_item(self, key: int) -> int:
+        return (await self.query_items([key]))[0]
+
+    async def query_items(self, keys: Any) -> list[int]:
+        self.calls.append(list(keys))
+        await self.release.wait()
+        if self.fail in keys:
+            raise KeyError(f"key {self.fail} is broken")
+        return [k * 2 for k in keys][: -1 if self.short else None]
+
+
+async def test_bulk_backends_get_one_call_per_batch_in_order() -> None:
+    ds = Bulk(10)
+    got = [(keys, b.tolist()) async for keys, b in ds.batches(4, concurrency=8)]
+    assert got == [
+        ([0, 1, 2, 3], [0, 2, 4, 6]),
+        ([4, 5, 6, 7], [8, 10, 12, 14]),
+        ([8, 9], [16, 18]),
+    ]
+    assert sorted(ds.calls) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [k async for k, _ in ds.batches(4, drop_incomplete=True)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+async def test_bulk_backend_errors_and_wrong_counts_end_the_stream() -> None:
+    with pytest.raises(KeyError, match="key 5 is broken"):
+        async for _ in Bulk(12, fail=5).batches(4):
+            pass
+    with pytest.raises(RuntimeError, match="returned 3 items for 4 keys"):
+        async for _ in Bulk(12, short=True).batches(4):
+            pass
+
+
+async def test_bulk_stream_early_break_leaks_no_task() -> None:
+    ds = Bulk(1000)
+    before = len(asyncio.all_tasks())
+    async for _ in ds.batches(10, concurrency=40):
+        ds.release.clear()  # later batches stay in flight
+        break
+    await wait_until(lambda: len(asyncio.all_tasks()) == before)
