@@ -10,20 +10,38 @@ The chunk source is a plain async iterator, not an async generator: the
 event loop closes live async generators when it shuts down, which would
 silently truncate the keys of a dataset used from successive
 ``asyncio.run()`` calls.
+
+What deriving a chunk produces besides keys (the items a pair predicate
+fetched, an augmented root's children, the keys a predicate accepted) is
+kept in a :class:`Discovered` until it is used, so that reading keys then
+querying them does the work once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar, cast
+from collections import deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from itertools import islice, repeat
+from typing import Any, Generic, TypeVar, cast
 
 from ._keys import KeySequence
+from ._memo import MISSING, _Missing
 
-__all__ = ["ChunkedKeySequence", "DerivedKeyChunks", "flatten_chunks"]
+__all__ = ["ChunkedKeySequence", "Discovered", "DerivedKeyChunks", "flatten_chunks"]
 
 K = TypeVar("K")
 P = TypeVar("P")
+H = TypeVar("H", bound=Hashable)
+V = TypeVar("V")
 
 # Waiting this long for a slow parent to fill a chunk keeps the first keys
 # flowing quickly while still batching the keys of fast parents.
@@ -115,3 +133,67 @@ async def flatten_chunks(chunks: AsyncIterator[list[K]]) -> AsyncIterator[K]:
     async for chunk in chunks:
         for key in chunk:
             yield key
+
+
+class Discovered(Generic[H, V]):
+    """Values by key, made during key discovery and kept for the queries that follow.
+
+    Key discovery runs ahead of the queries by at most what one reader
+    claims at once (the keys' ``reach``: a batch, a blocking chunk) plus the
+    chunk being derived, so that much is kept, twice over for readers
+    claiming concurrently, and never less than ``minimum``. Older values go
+    first; a query that misses simply does the work again.
+
+    >>> held = Discovered[str, int]()
+    >>> held.add([{"a": 1}, {"b": 2}], count=2, reach=1)
+    >>> held.pop("a"), held.pop("a") is MISSING, held.pop_many(["b", "z"]) == [2, MISSING]
+    (1, True, True)
+    """
+
+    __slots__ = ("data", "minimum")
+
+    def __init__(self, minimum: int = 0) -> None:
+        self.minimum = minimum
+        #: The values held now; hot paths pop from it directly.
+        self.data: dict[H, V] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
+
+    def contains_all(self, keys: Iterable[H]) -> bool:
+        """Whether every one of ``keys`` is held (one C-level pass)."""
+        return all(map(self.data.__contains__, keys))
+
+    def add(
+        self, groups: Iterable[Mapping[H, V] | Iterable[tuple[H, V]]], count: int, reach: int
+    ) -> None:
+        """Hold the values of ``groups`` (``count`` in all), forgetting the oldest beyond the bound.
+
+        ``reach`` is that of the keys being derived.
+        """
+        data = self.data
+        deque(map(data.update, groups), maxlen=0)
+        excess = len(data) - max(self.minimum, 2 * reach + count)
+        if excess > 0:
+            deque(map(data.__delitem__, list(islice(data, excess))), maxlen=0)
+
+    def pop(self, key: H) -> V | _Missing:
+        """The value of ``key``, no longer held, or ``MISSING``."""
+        return self.data.pop(key, MISSING)
+
+    def pop_many(self, keys: Sequence[H]) -> list[V | _Missing]:
+        """:meth:`pop` for each of ``keys``, in one C-level pass."""
+        return list(map(self.data.pop, keys, repeat(MISSING, len(keys))))
+
+    def clear(self) -> None:
+        self.data.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Held values are only a shortcut for queries in this process.
+        return {"minimum": self.minimum}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["minimum"])  # type: ignore[misc]

@@ -47,6 +47,7 @@ class KeySequence(Generic[K]):
         "_iter",
         "_owner",
         "_pulling",
+        "_reach",
         "_skip",
     )
 
@@ -60,6 +61,7 @@ class KeySequence(Generic[K]):
         self._aiter_loop: asyncio.AbstractEventLoop | None = None
         self._skip = 0
         self._pulling: asyncio.Event | None = None
+        self._reach = 1
 
     # -- state -----------------------------------------------------------
 
@@ -68,6 +70,17 @@ class KeySequence(Generic[K]):
         """True once every key is known (this may start ``yield_keys()``)."""
         self._start()
         return self._done
+
+    @property
+    def reach(self) -> int:
+        """The most keys one reader has claimed at once so far (at least 1).
+
+        A batch stream claims a batch of keys before querying them, the
+        blocking view a chunk per round trip to the loop; ``all()`` is not a
+        claim. Datasets whose key discovery produces items hold them for at
+        least this many keys, so those queries find them.
+        """
+        return self._reach
 
     @property
     def known(self) -> tuple[K, ...]:
@@ -125,6 +138,8 @@ class KeySequence(Generic[K]):
 
     async def slice(self, start: int, stop: int) -> list[K]:
         """The keys from ``start`` to ``stop``, discovering them as needed (fewer at the end)."""
+        if stop - start > self._reach:
+            self._reach = stop - start
         await self.fill_to(stop)
         return self._cache[start:stop]
 
@@ -134,6 +149,8 @@ class KeySequence(Generic[K]):
         Waits for at least one key, then gathers more for at most ``budget``
         seconds, so blocking consumers pay one round trip per chunk.
         """
+        if size > self._reach:
+            self._reach = size
         deadline = time.monotonic() + budget
         while len(self._cache) < start + size and not self.complete:
             if len(self._cache) > start and time.monotonic() > deadline:

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 from ._amap import map_concurrently
 from ._callables import is_async_callable
-from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, flatten_chunks
+from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._keys import KeySequence
-from ._memo import Memo
+from ._memo import MISSING, Memo
 from .dataset import Dataset
 
 __all__ = ["AugmentedDataset"]
@@ -20,7 +20,10 @@ __all__ = ["AugmentedDataset"]
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# Roots augmented per step of key discovery: few at first so the first keys
+# come quickly, more later to amortise the per-step cost.
 _FIRST_CHUNK = 8
+_LARGEST_CHUNK = 128
 _UNSET: Any = object()
 
 
@@ -46,9 +49,14 @@ class AugmentedDataset(Dataset[K, V]):
      ((2, 'same'), 'cd'), ((2, 'reversed'), 'dc')]
 
     A root is fetched and augmented once for all its children, concurrent
-    queries included, and its children are kept while it is among the
-    ``cached_roots`` most recently augmented roots; an older root is fetched
-    and augmented again if asked for. ``len()`` works once all keys are known.
+    queries included. Children made while discovering keys are held until
+    their first query, as far as key discovery may run ahead of the queries
+    (see :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`),
+    so reading keys then querying them, by ``async for``, by batches or
+    through the blocking view, augments each root once. Besides, the
+    children of the ``cached_roots`` most recently augmented roots are kept
+    for any query; an older root is fetched and augmented again if asked for.
+    ``len()`` works once all keys are known.
     """
 
     def __init__(self, parent: Dataset[Any, Any], *, cached_roots: int = 128) -> None:
@@ -59,12 +67,14 @@ class AugmentedDataset(Dataset[K, V]):
         # roots were loaded, and a root read already should not outlive one
         # whose children are still to be read.
         self._roots: Memo[Any, dict[K, V]] = Memo(cached_roots, lru=False)
+        # Children made by key discovery, until their first query.
+        self._discovered: Discovered[K, V] = Discovered()
         # Decided once: a plain generator is then run inline, without awaiting.
         self._async_augment = is_async_callable(self.augment) or inspect.isasyncgenfunction(
             self.augment
         )
         self._roots_checked = False
-        self._held = self._roots.data
+        self._root_data = self._roots.data
         self._default_root_key = type(self).root_key is AugmentedDataset.root_key
 
     @abstractmethod
@@ -207,16 +217,18 @@ class AugmentedDataset(Dataset[K, V]):
         return keys
 
     def _key_chunks(self) -> DerivedKeyChunks[K]:
-        # Children of a chunk of roots must still be held when they are queried.
-        largest = max(1, (self._roots.maxsize or 2) // 2)
-        return DerivedKeyChunks(self.parent.keys, self._children_keys, _FIRST_CHUNK, largest)
+        return DerivedKeyChunks(
+            self.parent.keys, self._children_keys, _FIRST_CHUNK, _LARGEST_CHUNK
+        )
 
     def yield_keys(self) -> Any:
         return flatten_chunks(self._key_chunks())
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
         groups = await self._roots.load_many(list(root_keys), self._load_roots)
-        return [child_key for children in groups for child_key in children]
+        child_keys = [child_key for children in groups for child_key in children]
+        self._discovered.add(groups, len(child_keys), self.keys.reach)
+        return child_keys
 
     # -- items -----------------------------------------------------------
 
@@ -227,9 +239,12 @@ class AugmentedDataset(Dataset[K, V]):
         )
 
     async def query_item(self, key: K) -> V:
+        child = self._discovered.data.pop(key, MISSING)
+        if child is not MISSING:
+            return child
         root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
         # Roots leave in load order (no recency to refresh): a plain get.
-        children = self._held.get(root_key)
+        children = self._root_data.get(root_key)
         if children is None:
             children = await self._roots.load(root_key, self._load_root)
         try:
@@ -239,6 +254,19 @@ class AugmentedDataset(Dataset[K, V]):
 
     async def query_items(self, keys: Sequence[K]) -> list[V]:
         keys = list(keys)
+        held = self._discovered.data
+        before = len(held)
+        values = self._discovered.pop_many(keys)
+        if before - len(held) == len(keys):
+            return values  # type: ignore[return-value]
+        missing = [index for index, value in enumerate(values) if value is MISSING]
+        queried = await self._query_roots([keys[index] for index in missing])
+        for index, value in zip(missing, queried, strict=True):
+            values[index] = value
+        return values  # type: ignore[return-value]
+
+    async def _query_roots(self, keys: list[K]) -> list[V]:
+        """The children ``keys``, from their roots (held, in flight, or loaded in one call)."""
         if self._default_root_key:
             root_keys = list(map(itemgetter(0), keys))  # type: ignore[arg-type]
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from itertools import compress
 from types import CoroutineType
@@ -13,7 +12,7 @@ import numpy as np
 from ._amap import map_concurrently
 from ._batching import add_key_note
 from ._callables import describe, is_async_callable, positional_arity
-from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, flatten_chunks
+from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._keys import KeySequence
 from ._memo import MISSING
 from .dataset import Dataset
@@ -48,10 +47,15 @@ class FilteredDataset(Dataset[K, V]):
     >>> asyncio.run(main())
     ((2, 4), ['a', 'c'])
 
-    Keys are discovered lazily, so ``len()`` works once they all are. Items
-    a pair predicate has fetched to judge are held, at most
-    ``buffer_size`` of them, until they are queried once, so iterating keys
-    then querying them fetches each item once.
+    Keys are discovered lazily, so ``len()`` works once they all are. The
+    keys accepted while discovering them are remembered, and the items a
+    pair predicate fetched to judge them are held until queried once, as far
+    as key discovery may run ahead of the queries (see
+    :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`),
+    and for at least ``buffer_size`` items (0 holds none). So iterating keys
+    then querying them, by ``async for``, by batches or through the blocking
+    view, judges each key and fetches each item once; a key queried long
+    after it was discovered is judged again.
     """
 
     def __init__(
@@ -80,7 +84,10 @@ class FilteredDataset(Dataset[K, V]):
         self.buffer_size = buffer_size
         self._async = is_async_callable(predicate)
         self._sync_keys = not self._async and not self.by_pairs
-        self._pending: OrderedDict[K, V] = OrderedDict()
+        # Items fetched to judge pairs, until their first query.
+        self._pending: Discovered[K, V] = Discovered(buffer_size)
+        # Keys accepted by key discovery (values unused): not judged again.
+        self._vetted: Discovered[K, bool] = Discovered()
 
     @property
     def batched_queries(self) -> bool:  # type: ignore[override]
@@ -197,20 +204,18 @@ class FilteredDataset(Dataset[K, V]):
         return flatten_chunks(self._key_chunks())
 
     async def _vet_keys(self, keys: Sequence[K]) -> list[K]:
-        return list(compress(keys, await self._keeps_all(keys, None)))
+        kept = list(compress(keys, await self._keeps_all(keys, None)))
+        self._vetted.add([dict.fromkeys(kept, True)], len(kept), self.keys.reach)
+        return kept
 
     async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
         items = await self.parent.query_items(keys)
         verdicts = await self._keeps_all(keys, items)
-        kept: list[K] = []
-        pending = self._pending
-        for key, item, keep in zip(keys, items, verdicts, strict=True):
-            if keep:
-                kept.append(key)
-                if self.buffer_size:
-                    pending[key] = item
-        while len(pending) > self.buffer_size:
-            pending.popitem(last=False)
+        kept = list(compress(keys, verdicts))
+        if self.buffer_size:
+            self._pending.add(
+                [zip(kept, compress(items, verdicts), strict=True)], len(kept), self.keys.reach
+            )
         return kept
 
     # -- items -----------------------------------------------------------
@@ -218,24 +223,25 @@ class FilteredDataset(Dataset[K, V]):
     async def query_item(self, key: K) -> V:
         if self._sync_keys:
             # Inline: the hot path of key predicates.
-            try:
-                result = self.predicate(key)
-            except Exception as exc:
-                self._note(exc, key)
-                raise
-            keep = self.keep_positive
-            if result is not keep and (
-                # The opposite bool rejects; anything else must convert to `keep`.
-                result is True or result is False or self._verdict(key, result) is not keep
-            ):
-                raise self._rejected(key)
+            if key not in self._vetted.data:
+                try:
+                    result = self.predicate(key)
+                except Exception as exc:
+                    self._note(exc, key)
+                    raise
+                keep = self.keep_positive
+                if result is not keep and (
+                    # The opposite bool rejects; anything else must convert to `keep`.
+                    result is True or result is False or self._verdict(key, result) is not keep
+                ):
+                    raise self._rejected(key)
             try:
                 return await self.parent.query_item(key)
             except KeyError as exc:
                 add_key_note(exc, key, self)
                 raise
         if self.by_pairs:
-            held = self._pending.pop(key, MISSING)
+            held = self._pending.pop(key)
             if held is not MISSING:
                 return held
             try:
@@ -246,7 +252,7 @@ class FilteredDataset(Dataset[K, V]):
             if not await self._keeps(key, item):
                 raise self._rejected(key)
             return item
-        if not await self._keeps(key):
+        if key not in self._vetted and not await self._keeps(key):
             raise self._rejected(key)
         try:
             return await self.parent.query_item(key)
@@ -257,20 +263,18 @@ class FilteredDataset(Dataset[K, V]):
     async def query_items(self, keys: Sequence[K]) -> list[V]:
         keys = list(keys)
         if not self.by_pairs:
-            verdicts = await self._keeps_all(keys, None)
-            if not all(verdicts):
-                raise self._rejected(keys[verdicts.index(False)])
+            if not self._vetted.contains_all(keys):
+                vetted = self._vetted.data
+                unvetted = [key for key in keys if key not in vetted]
+                verdicts = await self._keeps_all(unvetted, None)
+                if not all(verdicts):
+                    raise self._rejected(unvetted[verdicts.index(False)])
             return await self.parent.query_items(keys)
-        results: list[Any] = [MISSING] * len(keys)
-        missing: list[int] = []
-        pending = self._pending
-        for index, key in enumerate(keys):
-            held = pending.pop(key, MISSING)
-            if held is MISSING:
-                missing.append(index)
-            else:
-                results[index] = held
-        if missing:
+        held = self._pending.data
+        before = len(held)
+        results: list[Any] = self._pending.pop_many(keys)
+        if before - len(held) < len(keys):
+            missing = [index for index, value in enumerate(results) if value is MISSING]
             fetch = [keys[i] for i in missing]
             items = await self.parent.query_items(fetch)
             verdicts = await self._keeps_all(fetch, items)

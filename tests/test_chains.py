@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -151,3 +152,107 @@ def test_partially_read_keys_survive_successive_event_loops() -> None:
     assert asyncio.run(first(2)) == [(0, 0), (0, 1)]
     assert asyncio.run(first(6))[4:] == [(4, 0), (4, 1)]
     assert chain.sync.query_item((4, 1)) == 41
+
+
+class CountingTwice(AugmentedDataset[Any, Any]):
+    """Two children per root, counting how often each root is augmented."""
+
+    def __init__(self, parent: Dataset[Any, Any], **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.augmented: Counter[Any] = Counter()
+
+    def augment(self, root_key: Any, root_item: Any) -> Iterator[tuple[Any, Any]]:
+        self.augmented[root_key] += 1
+        yield (root_key, 0), root_item
+        yield (root_key, 1), -root_item
+
+
+def judged_chain(n: int, **kwargs: Any) -> tuple[CountingTwice, Counter[int]]:
+    """The benchmark's chain, counting predicate calls per key and augment calls per root."""
+    judged: Counter[int] = Counter()
+
+    def keep(key: int) -> bool:
+        judged[key] += 1
+        return key % 4 != 0
+
+    filtered = FilteredDataset(Counting({i: i for i in range(n)}), keep)
+    return CountingTwice(TransformedDataset(filtered, [add_one]), **kwargs), judged
+
+
+def source_of(chain: CountingTwice) -> Counting:
+    source = chain.parent.parent.parent  # type: ignore[attr-defined]
+    assert isinstance(source, Counting)
+    return source
+
+
+def expected_items(n: int) -> list[int]:
+    return [item for i in range(n) if i % 4 for item in (i + 1, -(i + 1))]
+
+
+@pytest.mark.parametrize(("batch_size", "cached_roots"), [(64, 128), (256, 128), (16, 4), (1, 2)])
+async def test_batches_judge_each_key_and_augment_each_root_once(
+    batch_size: int, cached_roots: int
+) -> None:
+    chain, judged = judged_chain(2000, cached_roots=cached_roots)
+    items = [item async for _, batch in chain.batches(batch_size, wrapper=list) for item in batch]
+    assert items == expected_items(2000)
+    assert set(judged.values()) == {1}
+    assert len(judged) == 2000
+    assert set(chain.augmented.values()) == {1}
+    assert len(chain.augmented) == 1500
+
+
+async def test_slow_consumer_of_batches_still_augments_each_root_once() -> None:
+    chain, judged = judged_chain(1000, cached_roots=2)
+    items = []
+    async for _, batch in chain.batches(32, wrapper=list, concurrency=200):
+        items.extend(batch)
+        for _ in range(5):  # let the workers run as far ahead as they may
+            await asyncio.sleep(0)
+    assert items == expected_items(1000)
+    assert set(judged.values()) == {1}
+    assert set(chain.augmented.values()) == {1}
+
+
+async def test_keys_then_query_item_judge_each_key_and_augment_each_root_once() -> None:
+    chain, judged = judged_chain(1000)
+    items = [await chain.query_item(key) async for key in chain.keys]
+    assert items == expected_items(1000)
+    assert set(judged.values()) == {1}
+    assert set(chain.augmented.values()) == {1}
+
+
+def test_blocking_keys_then_query_item_judge_each_key_and_augment_each_root_once() -> None:
+    # The blocking view reads keys far ahead (a chunk per round trip to the loop).
+    chain, judged = judged_chain(1500)
+    assert [chain.sync.query_item(key) for key in chain.sync.keys] == expected_items(1500)
+    assert set(judged.values()) == {1}
+    assert set(chain.augmented.values()) == {1}
+
+
+async def test_what_discovery_holds_for_first_queries_stays_bounded() -> None:
+    chain, judged = judged_chain(4_000, cached_roots=4)
+    keys = await chain.keys.all()  # discovery runs far ahead of any query
+    assert len(keys) == 6_000
+    source = source_of(chain)
+    assert set(source.fetches.values()) == {1}
+    # The last children are still held: no fetch, no judging.
+    assert await chain.query_items(list(keys[-4:])) == expected_items(4_000)[-4:]
+    assert set(source.fetches.values()) == {1}
+    assert set(judged.values()) == {1}
+    # The first ones were let go: their root is fetched and judged again.
+    assert await chain.query_item(keys[0]) == 2
+    assert source.fetches[1] == 2
+    assert judged[1] == 2
+    assert sum(chain.augmented.values()) == 3_001
+
+
+async def test_readers_claiming_many_keys_at_once_find_them_held() -> None:
+    chain, judged = judged_chain(4_000, cached_roots=4)
+    start = 0
+    while keys := await chain.keys.slice(start, start + 1_000):
+        assert await chain.query_items(keys) == expected_items(4_000)[start : start + 1_000]
+        start += len(keys)
+    assert start == 6_000
+    assert set(judged.values()) == {1}
+    assert set(chain.augmented.values()) == {1}

@@ -227,3 +227,37 @@ async def test_cancelled_key_discovery_loses_nothing() -> None:
     gate.set()
     assert await ds.keys.all() == tuple(range(0, 40, 4))
     assert await ds.query_items([0, 36]) == ["0", "36"]
+
+
+async def test_pair_items_are_held_for_readers_claiming_more_than_buffer_size() -> None:
+    parent = Counting({i: i for i in range(200)}, bulk=True)  # batches claim 32 keys at once
+    ds = FilteredDataset(parent, lambda k, v: v % 3 != 0, buffer_size=8)
+    items = [item async for _, batch in ds.batches(32, wrapper=list) for item in batch]
+    assert items == [i for i in range(200) if i % 3]
+    assert set(parent.fetches.values()) == {1}
+
+
+def test_blocking_iteration_fetches_each_pair_item_once() -> None:
+    # The blocking view reads a chunk of keys per round trip, beyond buffer_size.
+    parent = Counting({i: i for i in range(600)})
+    ds = FilteredDataset(parent, lambda k, v: v % 2 == 0, buffer_size=16)
+    assert [ds.sync.query_item(key) for key in ds.sync.keys] == list(range(0, 600, 2))
+    assert set(parent.fetches.values()) == {1}
+
+
+async def test_keys_accepted_by_discovery_are_not_judged_again() -> None:
+    judged: list[int] = []
+
+    def even(key: int) -> bool:
+        judged.append(key)
+        return key % 2 == 0
+
+    ds = FilteredDataset(DictDataset({i: str(i) for i in range(100)}), even)
+    assert [await ds.query_item(key) async for key in ds.keys] == [str(i) for i in range(0, 100, 2)]
+    assert sorted(judged) == list(range(100))
+    assert await ds.query_items([98, 96]) == ["98", "96"]
+    assert len(judged) == 100
+    # Keys never discovered are judged as before, and rejected ones named.
+    other = FilteredDataset(DictDataset({i: str(i) for i in range(100)}), even)
+    with pytest.raises(KeyError, match="3 is not a key"):
+        await other.query_items([2, 3])

@@ -143,3 +143,16 @@ async def test_key_source_error_propagates_and_can_be_retried() -> None:
     with pytest.raises(OSError, match="listing failed"):
         await ds.keys.all()
     assert await ds.keys.all() == (0, 1)
+
+
+async def test_reach_is_the_most_keys_one_reader_claimed_at_once() -> None:
+    keys = CountingKeys(100).keys
+    assert keys.reach == 1  # one key at a time, as `async for` reads them
+    assert [key async for key in keys][:2] == [0, 1]
+    assert keys.reach == 1
+    assert await keys.slice(10, 30) == list(range(10, 30))
+    assert keys.reach == 20
+    assert await keys.chunk_from(0, 5) == (0, 1, 2, 3, 4)
+    assert keys.reach == 20
+    await keys.all()  # everything at once is not a claim to hold for
+    assert keys.reach == 20
