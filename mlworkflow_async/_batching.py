@@ -402,6 +402,10 @@ class _Pipeline(Generic[K]):
             self._whole[start] = (keys, results)
             if start == self._head:
                 self._wake_consumer()
+            # A bulk read served from memory or the page cache may finish
+            # without suspending: yield, so the loop turns after every batch
+            # rather than after a whole window of them.
+            await asyncio.sleep(0)
 
     def _record(self, start: int, results: list[Any], failed: bool) -> None:
         head, stop = self._head, self._head + self._batch_size

@@ -356,16 +356,22 @@ def _entries_from_index(index: Any, data_end: int, path: str) -> Layout:
             or (stops > owner_span).any()
         ):
             raise corrupt(path, "its index places a buffer outside its item")
-    buffer_list = rows.tolist()
+    # Column by column: a 2-D tolist() is one long call that holds the GIL
+    # (tens of ms for a large index, opened in a worker thread), stalling the
+    # event loop; a Python loop lets the interpreter switch threads.
+    columns = [table[:, i].tolist() for i in range(4)]
+    buffer_starts, buffer_stops = rows[:, 0].tolist(), rows[:, 1].tolist()
     entries: dict[Hashable, Entry] = {}
     at = 0
     try:
-        for key, (offset, span, plen, count) in zip(keys, table.tolist(), strict=True):
+        for key, offset, span, plen, count in zip(keys, *columns, strict=True):
             if count:
+                stop = at + count
                 entries[key] = (
-                    offset, span, plen, tuple((a, b) for a, b in buffer_list[at:at + count])
+                    offset, span, plen,
+                    tuple(zip(buffer_starts[at:stop], buffer_stops[at:stop], strict=True)),
                 )
-                at += count
+                at = stop
             else:
                 entries[key] = (offset, span, plen, None)
     except TypeError as exc:  # an unhashable key
