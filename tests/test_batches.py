@@ -216,3 +216,36 @@ async def test_bulk_stream_early_break_leaks_no_task() -> None:
         ds.release.clear()  # later batches stay in flight
         break
     await wait_until(lambda: len(asyncio.all_tasks()) == before)
+
+
+async def test_in_memory_bulk_reads_let_the_loop_turn_between_batches() -> None:
+    fetched = 0
+
+    class Instant(Bulk):
+        async def query_items(self, keys: Any) -> list[int]:
+            nonlocal fetched
+            fetched += 1
+            return list(keys)  # served from memory: never suspends
+
+    most_between_turns = 0
+    stop = False
+
+    async def ticker() -> None:
+        nonlocal most_between_turns
+        seen = fetched
+        while not stop:
+            most_between_turns = max(most_between_turns, fetched - seen)
+            seen = fetched
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    batches = 0
+    async for _ in Instant(6400).batches(64, concurrency=128):  # two bulk workers
+        batches += 1
+    stop = True
+    await task
+    assert batches == 100
+    # Each worker yields after every batch: the loop turns at least once per
+    # batch per worker, not once per window of batches.
+    assert 1 <= most_between_turns <= 2
