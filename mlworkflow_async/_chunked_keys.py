@@ -146,6 +146,8 @@ class Discovered(Generic[H, V]):
 
     >>> held = Discovered[str, int]()
     >>> held.add([{"a": 1}, {"b": 2}], count=2, reach=1)
+    >>> held.get_all(["b", "a"]), held.get_all(["b", "z"])
+    ([2, 1], None)
     >>> held.pop("a"), held.pop("a") is MISSING, held.pop_many(["b", "z"]) == [2, MISSING]
     (1, True, True)
     """
@@ -187,6 +189,13 @@ class Discovered(Generic[H, V]):
     def pop_many(self, keys: Sequence[H]) -> list[V | _Missing]:
         """:meth:`pop` for each of ``keys``, in one C-level pass."""
         return list(map(self.data.pop, keys, repeat(MISSING, len(keys))))
+
+    def get_all(self, keys: Sequence[H]) -> list[V] | None:
+        """The values of ``keys``, still held, if every one is held; else None."""
+        data = self.data
+        if all(map(data.__contains__, keys)):
+            return list(map(data.__getitem__, keys))
+        return None
 
     def clear(self) -> None:
         self.data.clear()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from collections.abc import AsyncIterable, Hashable, Iterable, Sequence
-from operator import itemgetter
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
+from itertools import chain
+from operator import itemgetter, length_hint
+from typing import Any, TypeVar, cast
 
-from ._amap import map_concurrently
+from ._amap import map_concurrently, map_each
 from ._callables import is_async_callable
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._keys import KeySequence
@@ -48,14 +50,14 @@ class AugmentedDataset(Dataset[K, V]):
     [((1, 'same'), 'ab'), ((1, 'reversed'), 'ba'),
      ((2, 'same'), 'cd'), ((2, 'reversed'), 'dc')]
 
-    A root is fetched and augmented once for all its children, concurrent
-    queries included. Children made while discovering keys are held until
-    their first query, as far as key discovery may run ahead of the queries
-    (see :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`),
-    so reading keys then querying them, by ``async for``, by batches or
-    through the blocking view, augments each root once. Besides, the
-    children of the ``cached_roots`` most recently augmented roots are kept
-    for any query; an older root is fetched and augmented again if asked for.
+    The children made while discovering keys are held for the queries that
+    follow, as many as key discovery may run ahead of them (see
+    :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`), so
+    reading keys then querying them, by ``async for``, by batches or through
+    the blocking view, augments each root once. A root queried otherwise is
+    fetched and augmented once for all its children, concurrent queries
+    included, and kept while it is among the ``cached_roots`` most recently
+    queried roots; an older one is fetched and augmented again if asked for.
     ``len()`` works once all keys are known.
     """
 
@@ -67,12 +69,14 @@ class AugmentedDataset(Dataset[K, V]):
         # roots were loaded, and a root read already should not outlive one
         # whose children are still to be read.
         self._roots: Memo[Any, dict[K, V]] = Memo(cached_roots, lru=False)
-        # Children made by key discovery, until their first query.
+        # Children made by key discovery, by child key, for the queries that follow.
         self._discovered: Discovered[K, V] = Discovered()
         # Decided once: a plain generator is then run inline, without awaiting.
         self._async_augment = is_async_callable(self.augment) or inspect.isasyncgenfunction(
             self.augment
         )
+        # A generator function always returns a generator: nothing to check per root.
+        self._generator_augment = inspect.isgeneratorfunction(self.augment)
         self._roots_checked = False
         self._root_data = self._roots.data
         self._default_root_key = type(self).root_key is AugmentedDataset.root_key
@@ -149,7 +153,31 @@ class AugmentedDataset(Dataset[K, V]):
         return children
 
     def _expand_many_sync(self, root_keys: list[Any], items: Sequence[Any]) -> list[dict[K, V]]:
-        # One loop for many roots: the hot path of key discovery.
+        # The hot path of key discovery: many roots in one loop.
+        if len(items) != len(root_keys):
+            raise RuntimeError(
+                f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
+                f"for {len(root_keys)} keys; it must return one item per key, in order"
+            )
+        if self._generator_augment:
+
+            def noted(exc: Exception, index: int) -> None:
+                self._note(exc, root_keys[index])
+
+            groups: list[dict[K, V]] = map_each(
+                dict, map(self.augment, root_keys, items), on_error=noted
+            )
+        else:
+            groups = self._expand_each_sync(root_keys, items)
+        if not self._roots_checked:
+            for root_key, children in zip(root_keys, groups, strict=True):
+                self._check_roots(root_key, children)
+                if self._roots_checked:
+                    break
+        return groups
+
+    def _expand_each_sync(self, root_keys: list[Any], items: Sequence[Any]) -> list[dict[K, V]]:
+        """Root by root, checking that ``augment`` returned pairs at all."""
         augment = self.augment
         groups: list[dict[K, V]] = []
         root_key: Any = None
@@ -166,11 +194,6 @@ class AugmentedDataset(Dataset[K, V]):
                 raise error from None
             self._note(exc, root_key)
             raise
-        if not self._roots_checked:
-            for root_key, children in zip(root_keys, groups, strict=True):
-                self._check_roots(root_key, children)
-                if self._roots_checked:
-                    break
         return groups
 
     async def _expand(self, root_key: Any, root_item: Any) -> dict[K, V]:
@@ -225,10 +248,35 @@ class AugmentedDataset(Dataset[K, V]):
         return flatten_chunks(self._key_chunks())
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
-        groups = await self._roots.load_many(list(root_keys), self._load_roots)
-        child_keys = [child_key for children in groups for child_key in children]
-        self._discovered.add(groups, len(child_keys), self.keys.reach)
-        return child_keys
+        root_keys = list(root_keys)
+        if self._generator_augment and self._roots_checked:
+            items = await self.parent.query_items(root_keys)
+            children = self._children_of_many(root_keys, items)
+        else:
+            children = {}
+            deque(map(children.update, await self._load_roots(root_keys)), maxlen=0)
+        self._discovered.add([children], len(children), self.keys.reach)
+        return list(children)
+
+    def _children_of_many(self, root_keys: list[Any], items: Sequence[Any]) -> dict[K, V]:
+        """The children of many roots in one mapping: the hot path of key discovery.
+
+        Made in one C-level pass, without a mapping per root; only for
+        generator functions, which always return generators.
+        """
+        if len(items) != len(root_keys):
+            raise RuntimeError(
+                f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
+                f"for {len(root_keys)} keys; it must return one item per key, in order"
+            )
+        augment = cast(Callable[[Any, Any], Iterable[tuple[K, V]]], self.augment)
+        remaining = iter(root_keys)
+        try:
+            return dict(chain.from_iterable(map(augment, remaining, items)))
+        except Exception as exc:
+            # Roots are taken one at a time, as their generator is needed.
+            self._note(exc, root_keys[len(root_keys) - length_hint(remaining) - 1])
+            raise
 
     # -- items -----------------------------------------------------------
 
@@ -239,7 +287,7 @@ class AugmentedDataset(Dataset[K, V]):
         )
 
     async def query_item(self, key: K) -> V:
-        child = self._discovered.data.pop(key, MISSING)
+        child = self._discovered.data.get(key, MISSING)
         if child is not MISSING:
             return child
         root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
@@ -254,16 +302,16 @@ class AugmentedDataset(Dataset[K, V]):
 
     async def query_items(self, keys: Sequence[K]) -> list[V]:
         keys = list(keys)
+        found = self._discovered.get_all(keys)
+        if found is not None:
+            return found
         held = self._discovered.data
-        before = len(held)
-        values = self._discovered.pop_many(keys)
-        if before - len(held) == len(keys):
-            return values  # type: ignore[return-value]
+        values: list[Any] = [held.get(key, MISSING) for key in keys]
         missing = [index for index, value in enumerate(values) if value is MISSING]
         queried = await self._query_roots([keys[index] for index in missing])
         for index, value in zip(missing, queried, strict=True):
             values[index] = value
-        return values  # type: ignore[return-value]
+        return values
 
     async def _query_roots(self, keys: list[K]) -> list[V]:
         """The children ``keys``, from their roots (held, in flight, or loaded in one call)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from itertools import compress
+from operator import not_
 from types import CoroutineType
 from typing import Any, TypeVar
 
 import numpy as np
 
-from ._amap import map_concurrently
+from ._amap import map_concurrently, map_each
 from ._batching import add_key_note
 from ._callables import describe, is_async_callable, positional_arity
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
@@ -146,27 +147,33 @@ class FilteredDataset(Dataset[K, V]):
         return result is self.keep_positive
 
     def _judge_sync(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
-        """Keep or not, for many keys at once: the hot path, kept inline."""
-        predicate, keep = self.predicate, self.keep_positive
-        verdicts: list[bool] = []
-        key: Any = None
-        try:
-            if items is None:
-                for key in keys:
-                    result = predicate(key)
-                    if result is not True and result is not False:
-                        result = self._verdict(key, result)
-                    verdicts.append(result is keep)
-            else:
-                for key, item in zip(keys, items, strict=True):
-                    result = predicate(key, item)
-                    if result is not True and result is not False:
-                        result = self._verdict(key, result)
-                    verdicts.append(result is keep)
-        except Exception as exc:
-            self._note(exc, key)
-            raise
-        return verdicts
+        """Keep or not, for many keys at once: the hot path, looping in C."""
+
+        def noted(exc: Exception, index: int) -> None:
+            self._note(exc, keys[index])
+
+        results: list[Any]
+        if items is None:
+            results = map_each(self.predicate, keys, on_error=noted)
+        else:
+            if len(items) != len(keys):
+                raise RuntimeError(
+                    f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
+                    f"for {len(keys)} keys; it must return one item per key, in order"
+                )
+            results = map_each(self.predicate, keys, items, on_error=noted)
+        if not {bool}.issuperset(map(type, results)):
+            try:
+                results = [
+                    result if type(result) is bool else self._verdict(key, result)
+                    for key, result in zip(keys, results, strict=True)
+                ]
+            except TypeError:
+                for result in results:  # the first one is closed already
+                    if type(result) is CoroutineType:
+                        result.close()
+                raise
+        return results if self.keep_positive else list(map(not_, results))
 
     async def _keeps_all(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
         if not self._async:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from types import CoroutineType
 from typing import Any, TypeVar
 
-from ._amap import map_concurrently
+from ._amap import map_concurrently, map_each
 from ._batching import add_key_note
 from ._callables import describe, is_async_callable
 from ._keys import KeySequence
@@ -111,22 +111,31 @@ class TransformedDataset(Dataset[K, V]):
     # -- items -----------------------------------------------------------
 
     def _apply_many_sync(self, keys: list[K], items: Sequence[Any]) -> list[Any]:
-        # One loop for the whole batch: the hot path of sync transforms.
-        transforms = self._sync_fns
-        results: list[Any] = []
-        key: Any = None
-        transform: Any = None
-        try:
-            for key, item in zip(keys, items, strict=True):
-                for transform in transforms:
-                    item = transform(key, item)
-                    if type(item) is CoroutineType:
-                        _reject_coroutine(transform, key, item)
-                results.append(item)
-        except Exception as exc:
-            _note_transform(exc, transform, key, self)
-            raise
-        return results
+        # The hot path of sync transforms: each one over the whole batch in a
+        # C-level loop, rather than item by item in Python.
+        if len(items) != len(keys):
+            raise RuntimeError(
+                f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
+                f"for {len(keys)} keys; it must return one item per key, in order"
+            )
+        for transform in self._sync_fns:
+
+            def noted(exc: Exception, index: int, transform: Any = transform) -> None:
+                _note_transform(exc, transform, keys[index], self)
+
+            items = map_each(transform, keys, items, on_error=noted)
+            if CoroutineType in map(type, items):
+                self._reject_coroutines(transform, keys, items)
+        return items  # type: ignore[return-value]
+
+    def _reject_coroutines(self, transform: Any, keys: list[K], items: list[Any]) -> None:
+        coroutines = [
+            (key, item) for key, item in zip(keys, items, strict=True)
+            if type(item) is CoroutineType
+        ]
+        for _, coroutine in coroutines[1:]:
+            coroutine.close()
+        _reject_coroutine(transform, coroutines[0][0], coroutines[0][1])
 
     async def _apply(self, key: K, item: Any) -> Any:
         for transform, is_async in self._steps:

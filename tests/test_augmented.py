@@ -225,3 +225,36 @@ def test_blocking_view_and_successive_event_loops() -> None:
     assert dataset.sync.keys.all()[-1] == (6, "b")
     assert len(dataset) == 12
     assert asyncio.run(dataset.query_items([(6, "a")])) == ["fa"]
+
+
+async def test_failure_deep_in_key_discovery_names_its_root() -> None:
+    class BreaksAt(AugmentedDataset[Any, str]):
+        def augment(self, root_key: int, root_item: str) -> Iterator[tuple[Any, str]]:
+            yield (root_key, 0), root_item
+            if root_key == 150:
+                raise RuntimeError("cannot augment")
+            yield (root_key, 1), root_item
+
+    dataset = BreaksAt(DictDataset({i: str(i) for i in range(300)}))
+    with pytest.raises(RuntimeError, match="cannot augment") as info:
+        await dataset.keys.all()
+    assert [note for note in info.value.__notes__ if "root key" in note] == [
+        "while augmenting root key 150 in BreaksAt.augment()"
+    ]
+    assert (150, 0) not in dataset.keys.known  # a failed chunk adds no key
+
+
+async def test_readers_in_step_and_repeated_queries_fetch_each_root_once() -> None:
+    parent = Counting({i: str(i) for i in range(300)})
+    dataset = PermutingDataset(parent)
+
+    async def read() -> list[str]:
+        return [await dataset.query_item(key) async for key in dataset.keys]
+
+    expected = [f"{i}{s}" for i in range(300) for s in "ab"]
+    assert await asyncio.gather(read(), read()) == [expected, expected]
+    assert set(parent.fetches.values()) == {1}
+    keys = dataset.keys.known
+    assert await dataset.query_items(list(keys[-6:])) == expected[-6:]
+    assert await dataset.query_item(keys[-1]) == expected[-1]
+    assert set(parent.fetches.values()) == {1}

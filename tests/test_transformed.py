@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from typing import Any
 
 import pytest
@@ -117,3 +119,33 @@ def test_blocking_view() -> None:
     dataset = TransformedDataset(DictDataset(SEED), [lambda k, v: v.upper()])
     assert dataset.sync.query_item(3) == "C"
     assert dataset.sync.query([1, 2]).tolist() == ["A", "B"]
+
+
+async def test_batch_failure_names_the_key_and_transform_that_failed() -> None:
+    def halve(key: int, item: int) -> int:
+        return item // 2
+
+    def invert(key: int, item: int) -> float:
+        return 10 / item
+
+    dataset = TransformedDataset(DictDataset({i: i for i in range(10)}), [halve, invert])
+    assert await dataset.query_items([4, 9]) == [5.0, 2.5]
+    with pytest.raises(ZeroDivisionError) as info:
+        await dataset.query_items([5, 4, 1, 3])  # 1 // 2 == 0
+    notes = info.value.__notes__
+    assert any("key 1 " in note for note in notes)
+    assert any("invert" in note for note in notes)
+    assert not any("halve" in note for note in notes)
+
+
+async def test_every_coroutine_of_a_rejected_batch_is_closed() -> None:
+    async def upper(item: str) -> str:
+        return item.upper()
+
+    dataset = TransformedDataset(DictDataset(SEED), [lambda k, v: upper(v) if k > 2 else v])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="returned a coroutine for key 3"):
+            await dataset.query_items([1, 2, 3, 4, 5])
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
