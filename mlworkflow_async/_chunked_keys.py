@@ -27,10 +27,8 @@ from collections.abc import (
     Callable,
     Hashable,
     Iterable,
-    Mapping,
     Sequence,
 )
-from itertools import islice, repeat
 from typing import Any, Generic, TypeVar, cast
 
 from ._keys import KeySequence
@@ -144,61 +142,88 @@ class Discovered(Generic[H, V]):
     claiming concurrently, and never less than ``minimum``. Older values go
     first; a query that misses simply does the work again.
 
+    Each derived chunk is kept as it came, one mapping per chunk, and whole
+    chunks are let go: holding and forgetting cost nothing per value.
+
     >>> held = Discovered[str, int]()
-    >>> held.add([{"a": 1}, {"b": 2}], count=2, reach=1)
-    >>> held.get_all(["b", "a"]), held.get_all(["b", "z"])
-    ([2, 1], None)
+    >>> held.add({"a": 1, "b": 2}, reach=1)
+    >>> held.add({"c": 3}, reach=1)
+    >>> held.get_all(["c", "a"]), held.get_all(["b", "z"])
+    ([3, 1], None)
     >>> held.pop("a"), held.pop("a") is MISSING, held.pop_many(["b", "z"]) == [2, MISSING]
     (1, True, True)
     """
 
-    __slots__ = ("data", "minimum")
+    __slots__ = ("_chunks", "_size", "minimum", "newest")
 
     def __init__(self, minimum: int = 0) -> None:
         self.minimum = minimum
-        #: The values held now; hot paths pop from it directly.
-        self.data: dict[H, V] = {}
+        self._chunks: deque[dict[H, V]] = deque()
+        self._size = 0
+        #: The chunk held last, where hot paths look first.
+        self.newest: dict[H, V] = {}
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self._size
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.data
-
-    def contains_all(self, keys: Iterable[H]) -> bool:
-        """Whether every one of ``keys`` is held (one C-level pass)."""
-        return all(map(self.data.__contains__, keys))
-
-    def add(
-        self, groups: Iterable[Mapping[H, V] | Iterable[tuple[H, V]]], count: int, reach: int
-    ) -> None:
-        """Hold the values of ``groups`` (``count`` in all), forgetting the oldest beyond the bound.
+    def add(self, values: dict[H, V], reach: int) -> None:
+        """Hold ``values`` (this very dict), forgetting the oldest chunks beyond the bound.
 
         ``reach`` is that of the keys being derived.
         """
-        data = self.data
-        deque(map(data.update, groups), maxlen=0)
-        excess = len(data) - max(self.minimum, 2 * reach + count)
-        if excess > 0:
-            deque(map(data.__delitem__, list(islice(data, excess))), maxlen=0)
+        if not values:
+            return
+        chunks = self._chunks
+        chunks.append(values)
+        self.newest = values
+        self._size += len(values)
+        keep = max(self.minimum, 2 * reach + len(values))
+        while len(chunks) > 1 and self._size - len(chunks[0]) >= keep:
+            self._size -= len(chunks.popleft())
 
-    def pop(self, key: H) -> V | _Missing:
-        """The value of ``key``, no longer held, or ``MISSING``."""
-        return self.data.pop(key, MISSING)
+    def get(self, key: H) -> V | _Missing:
+        """The value of ``key``, or ``MISSING``."""
+        for values in reversed(self._chunks):
+            value = values.get(key, MISSING)
+            if value is not MISSING:
+                return value
+        return MISSING
 
-    def pop_many(self, keys: Sequence[H]) -> list[V | _Missing]:
-        """:meth:`pop` for each of ``keys``, in one C-level pass."""
-        return list(map(self.data.pop, keys, repeat(MISSING, len(keys))))
+    def __contains__(self, key: object) -> bool:
+        return any(key in values for values in self._chunks)
+
+    def contains_all(self, keys: Iterable[H]) -> bool:
+        """Whether every one of ``keys`` is held."""
+        return all(map(self.newest.__contains__, keys)) or all(map(self.__contains__, keys))
 
     def get_all(self, keys: Sequence[H]) -> list[V] | None:
         """The values of ``keys``, still held, if every one is held; else None."""
-        data = self.data
-        if all(map(data.__contains__, keys)):
-            return list(map(data.__getitem__, keys))
-        return None
+        newest = self.newest
+        if all(map(newest.__contains__, keys)):
+            return list(map(newest.__getitem__, keys))
+        values = list(map(self.get, keys))
+        if any(value is MISSING for value in values):
+            return None
+        return values  # type: ignore[return-value]
+
+    def pop(self, key: H) -> V | _Missing:
+        """The value of ``key``, no longer held, or ``MISSING``."""
+        for values in reversed(self._chunks):
+            value = values.pop(key, MISSING)
+            if value is not MISSING:
+                self._size -= 1
+                return value
+        return MISSING
+
+    def pop_many(self, keys: Sequence[H]) -> list[V | _Missing]:
+        """:meth:`pop` for each of ``keys``."""
+        pop = self.pop
+        return [pop(key) for key in keys]
 
     def clear(self) -> None:
-        self.data.clear()
+        self._chunks.clear()
+        self._size = 0
+        self.newest = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Held values are only a shortcut for queries in this process.

@@ -255,7 +255,7 @@ class AugmentedDataset(Dataset[K, V]):
         else:
             children = {}
             deque(map(children.update, await self._load_roots(root_keys)), maxlen=0)
-        self._discovered.add([children], len(children), self.keys.reach)
+        self._discovered.add(children, self.keys.reach)
         return list(children)
 
     def _children_of_many(self, root_keys: list[Any], items: Sequence[Any]) -> dict[K, V]:
@@ -287,8 +287,9 @@ class AugmentedDataset(Dataset[K, V]):
         )
 
     async def query_item(self, key: K) -> V:
-        child = self._discovered.data.get(key, MISSING)
-        if child is not MISSING:
+        held = self._discovered
+        child = held.newest.get(key, MISSING)
+        if child is not MISSING or (child := held.get(key)) is not MISSING:
             return child
         root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
         # Roots leave in load order (no recency to refresh): a plain get.
@@ -305,8 +306,7 @@ class AugmentedDataset(Dataset[K, V]):
         found = self._discovered.get_all(keys)
         if found is not None:
             return found
-        held = self._discovered.data
-        values: list[Any] = [held.get(key, MISSING) for key in keys]
+        values: list[Any] = list(map(self._discovered.get, keys))
         missing = [index for index, value in enumerate(values) if value is MISSING]
         queried = await self._query_roots([keys[index] for index in missing])
         for index, value in zip(missing, queried, strict=True):

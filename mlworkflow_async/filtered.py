@@ -212,7 +212,7 @@ class FilteredDataset(Dataset[K, V]):
 
     async def _vet_keys(self, keys: Sequence[K]) -> list[K]:
         kept = list(compress(keys, await self._keeps_all(keys, None)))
-        self._vetted.add([dict.fromkeys(kept, True)], len(kept), self.keys.reach)
+        self._vetted.add(dict.fromkeys(kept, True), self.keys.reach)
         return kept
 
     async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
@@ -221,7 +221,7 @@ class FilteredDataset(Dataset[K, V]):
         kept = list(compress(keys, verdicts))
         if self.buffer_size:
             self._pending.add(
-                [zip(kept, compress(items, verdicts), strict=True)], len(kept), self.keys.reach
+                dict(zip(kept, compress(items, verdicts), strict=True)), self.keys.reach
             )
         return kept
 
@@ -230,7 +230,7 @@ class FilteredDataset(Dataset[K, V]):
     async def query_item(self, key: K) -> V:
         if self._sync_keys:
             # Inline: the hot path of key predicates.
-            if key not in self._vetted.data:
+            if key not in self._vetted.newest and key not in self._vetted:
                 try:
                     result = self.predicate(key)
                 except Exception as exc:
@@ -271,16 +271,15 @@ class FilteredDataset(Dataset[K, V]):
         keys = list(keys)
         if not self.by_pairs:
             if not self._vetted.contains_all(keys):
-                vetted = self._vetted.data
+                vetted = self._vetted
                 unvetted = [key for key in keys if key not in vetted]
                 verdicts = await self._keeps_all(unvetted, None)
                 if not all(verdicts):
                     raise self._rejected(unvetted[verdicts.index(False)])
             return await self.parent.query_items(keys)
-        held = self._pending.data
-        before = len(held)
+        before = len(self._pending)
         results: list[Any] = self._pending.pop_many(keys)
-        if before - len(held) < len(keys):
+        if before - len(self._pending) < len(keys):
             missing = [index for index, value in enumerate(results) if value is MISSING]
             fetch = [keys[i] for i in missing]
             items = await self.parent.query_items(fetch)

@@ -100,10 +100,11 @@ async def test_pair_buffer_is_bounded() -> None:
     keys = await ds.keys.all()
     assert len(keys) == 100
     assert parent.total == 100
-    # Only the last few judged items are still held; the rest are fetched again.
+    # Only the last few judged items (buffer_size, give or take a chunk of
+    # discovery) are still held; the rest are fetched again.
     assert await ds.query_items(list(keys)) == list(range(100))
     refetched = [key for key, count in parent.fetches.items() if count == 2]
-    assert 94 <= len(refetched) < 100
+    assert 100 - 2 * 6 <= len(refetched) < 100
     assert parent.fetches[99] == 1
 
 
