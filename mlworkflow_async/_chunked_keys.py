@@ -29,6 +29,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
+from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
 
 from ._keys import KeySequence
@@ -193,18 +194,35 @@ class Discovered(Generic[H, V]):
         return any(key in values for values in self._chunks)
 
     def contains_all(self, keys: Iterable[H]) -> bool:
-        """Whether every one of ``keys`` is held."""
-        return all(map(self.newest.__contains__, keys)) or all(map(self.__contains__, keys))
+        """Whether every one of ``keys`` is held (C-level passes, one per chunk)."""
+        if all(map(self.newest.__contains__, keys)):
+            return True
+        for values in reversed(self._chunks):
+            keys = list(filterfalse(values.__contains__, keys))
+            if not keys:
+                return True
+        return False
 
     def get_all(self, keys: Sequence[H]) -> list[V] | None:
         """The values of ``keys``, still held, if every one is held; else None."""
         newest = self.newest
         if all(map(newest.__contains__, keys)):
             return list(map(newest.__getitem__, keys))
-        values = list(map(self.get, keys))
-        if any(value is MISSING for value in values):
+        # Keys claimed in discovery order run through consecutive chunks:
+        # take from each chunk the run of keys it holds, in C-level passes.
+        values: list[V] = []
+        rest = list(keys)
+        for chunk in self._chunks:
+            run = list(takewhile(chunk.__contains__, rest))
+            if run:
+                values.extend(map(chunk.__getitem__, run))
+                del rest[: len(run)]
+                if not rest:
+                    return values
+        if not self.contains_all(keys):
             return None
-        return values  # type: ignore[return-value]
+        get = self.get
+        return [get(key) for key in keys]  # type: ignore[misc]
 
     def pop(self, key: H) -> V | _Missing:
         """The value of ``key``, no longer held, or ``MISSING``."""

@@ -256,3 +256,14 @@ async def test_readers_claiming_many_keys_at_once_find_them_held() -> None:
     assert start == 6_000
     assert set(judged.values()) == {1}
     assert set(chain.augmented.values()) == {1}
+
+
+async def test_held_children_are_found_across_chunks_in_any_order() -> None:
+    chain, _ = judged_chain(200)
+    keys = await chain.keys.all()  # several chunks of discovery, the last two held
+    tail = list(keys[-70:])  # more than the last chunk
+    expected = expected_items(200)[-70:]
+    for order in (tail, tail[::-1], tail[1::2] + tail[::2], tail + tail[:3]):
+        lookup = dict(zip(tail, expected, strict=True))
+        assert await chain.query_items(order) == [lookup[key] for key in order]
+    assert set(chain.augmented.values()) == {1}
