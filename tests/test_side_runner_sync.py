@@ -122,21 +122,27 @@ def test_a_failure_nobody_read_is_raised_at_close() -> None:
 
 def test_error_in_the_with_block_cancels_queued_work() -> None:
     started: list[int] = []
-    release = threading.Event()
+    futures: list[cf.Future[None]] = []
+    submitted = threading.Event()
 
     def blocking(i: int) -> None:
         started.append(i)
-        release.wait(5)
+        submitted.wait(5)
+        # The first run holds the only slot until the queued runs are
+        # cancelled, so none of them can have started by then.
+        deadline = time.monotonic() + 5
+        while not futures[-1].cancelled() and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     with pytest.raises(KeyError), SideRunner(1) as runner:
-        for i in range(5):
-            runner.do(blocking, i)
+        futures.extend(runner.run_async(blocking, i) for i in range(5))
+        submitted.set()
         deadline = time.monotonic() + 5
         while not started and time.monotonic() < deadline:
             time.sleep(0.001)
-        release.set()
         raise KeyError("stop")
     assert started == [0]
+    assert all(f.cancelled() for f in futures[1:])
 
 
 def test_cancelling_a_future_before_it_starts() -> None:
