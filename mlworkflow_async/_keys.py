@@ -245,17 +245,23 @@ class KeySequence(Generic[K]):
 
 
 class _KeyIterator(AsyncIterator[K]):
-    __slots__ = ("_i", "_seq")
+    __slots__ = ("_cache", "_i", "_seq")
 
     def __init__(self, seq: KeySequence[K]) -> None:
         self._seq = seq
         self._i = 0
+        # The sequence may swap its list for a longer one with the same
+        # start (when its keys turn out to be a collection): what this
+        # iterator holds stays valid, and is refreshed once read through.
+        self._cache = seq._cache
 
     async def __anext__(self) -> K:
-        seq = self._seq
         i = self._i
-        cache = seq._cache
-        if i >= len(cache) and not await seq.fill_to(i + 1):
-            raise StopAsyncIteration
+        cache = self._cache
+        if i >= len(cache):
+            seq = self._seq
+            if not await seq.fill_to(i + 1):
+                raise StopAsyncIteration
+            cache = self._cache = seq._cache
         self._i = i + 1
-        return seq._cache[i]
+        return cache[i]

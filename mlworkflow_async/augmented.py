@@ -287,9 +287,13 @@ class AugmentedDataset(Dataset[K, V]):
         )
 
     async def query_item(self, key: K) -> V:
-        held = self._discovered
-        child = held.newest.get(key, MISSING)
-        if child is not MISSING or (child := held.get(key)) is not MISSING:
+        try:
+            # Keys read in order are in the chunk discovered last.
+            return self._discovered.newest[key]
+        except KeyError:
+            pass
+        child = self._discovered.get(key)
+        if child is not MISSING:
             return child
         root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
         # Roots leave in load order (no recency to refresh): a plain get.

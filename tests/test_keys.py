@@ -156,3 +156,11 @@ async def test_reach_is_the_most_keys_one_reader_claimed_at_once() -> None:
     assert keys.reach == 20
     await keys.all()  # everything at once is not a claim to hold for
     assert keys.reach == 20
+
+
+async def test_iterators_made_before_the_keys_are_looked_at_see_them_all() -> None:
+    ds = DictDataset({i: i for i in range(5)})
+    early, other = aiter(ds.keys), aiter(ds.keys)
+    assert await anext(early) == 0  # the sequence learns its keys are a collection here
+    assert [key async for key in other] == [0, 1, 2, 3, 4]
+    assert [key async for key in early] == [1, 2, 3, 4]
