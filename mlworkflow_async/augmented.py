@@ -51,10 +51,11 @@ class AugmentedDataset(Dataset[K, V]):
      ((2, 'same'), 'cd'), ((2, 'reversed'), 'dc')]
 
     The children made while discovering keys are held for the queries that
-    follow, as many as key discovery may run ahead of them (see
-    :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`), so
-    reading keys then querying them, by ``async for``, by batches or through
-    the blocking view, augments each root once. A root queried otherwise is
+    follow, as many as key discovery may run ahead of them (the keys a
+    reader claims at once, such as a batch or a chunk of the blocking view,
+    plus one step of discovery), so reading keys then querying them, by
+    ``async for``, by batches or through the blocking view, augments each
+    root once. A root queried otherwise is
     fetched and augmented once for all its children, concurrent queries
     included, and kept while it is among the ``cached_roots`` most recently
     queried roots; an older one is fetched and augmented again if asked for.

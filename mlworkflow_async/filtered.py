@@ -51,9 +51,9 @@ class FilteredDataset(Dataset[K, V]):
     Keys are discovered lazily, so ``len()`` works once they all are. The
     keys accepted while discovering them are remembered, and the items a
     pair predicate fetched to judge them are held until queried once, as far
-    as key discovery may run ahead of the queries (see
-    :attr:`KeySequence.reach <mlworkflow_async._keys.KeySequence.reach>`),
-    and for at least ``buffer_size`` items (0 holds none). So iterating keys
+    as key discovery may run ahead of the queries (the keys a reader claims
+    at once, such as a batch or a chunk of the blocking view, plus one step
+    of discovery), and for at least ``buffer_size`` items (0 holds none). So iterating keys
     then querying them, by ``async for``, by batches or through the blocking
     view, judges each key and fetches each item once; a key queried long
     after it was discovered is judged again.
