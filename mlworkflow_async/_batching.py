@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 K = TypeVar("K")
 
+#: Seconds a bulk worker may go without yielding to the event loop.
+YIELD_AFTER = 0.001
+
 
 def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
     """Record on ``exc`` which key was being processed, once."""
@@ -375,6 +378,8 @@ class _Pipeline(Generic[K]):
 
     async def _work_units(self) -> None:
         dataset = self._dataset
+        clock = asyncio.get_running_loop().time
+        last_yield = clock()
         while not (self._exhausted or self._failed or self._closed):
             try:
                 start, keys = await self._claim()
@@ -403,9 +408,12 @@ class _Pipeline(Generic[K]):
             if start == self._head:
                 self._wake_consumer()
             # A bulk read served from memory or the page cache may finish
-            # without suspending: yield, so the loop turns after every batch
-            # rather than after a whole window of them.
-            await asyncio.sleep(0)
+            # without suspending: yield once YIELD_AFTER has passed, so the
+            # loop keeps turning, without paying a task switch per batch.
+            now = clock()
+            if now - last_yield >= YIELD_AFTER:
+                last_yield = now
+                await asyncio.sleep(0)
 
     def _record(self, start: int, results: list[Any], failed: bool) -> None:
         head, stop = self._head, self._head + self._batch_size

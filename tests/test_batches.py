@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mlworkflow_async import Dataset, DictDataset
+from mlworkflow_async import Dataset, DictDataset, _batching
 from tests.conftest import wait_until
 
 
@@ -218,7 +218,11 @@ async def test_bulk_stream_early_break_leaks_no_task() -> None:
     await wait_until(lambda: len(asyncio.all_tasks()) == before)
 
 
-async def test_in_memory_bulk_reads_let_the_loop_turn_between_batches() -> None:
+async def test_in_memory_bulk_reads_let_the_loop_turn_between_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Workers yield once YIELD_AFTER seconds have passed; at zero, after every batch.
+    monkeypatch.setattr(_batching, "YIELD_AFTER", 0.0)
     fetched = 0
 
     class Instant(Bulk):
