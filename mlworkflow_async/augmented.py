@@ -13,6 +13,7 @@ from typing import Any, TypeVar, cast
 from ._amap import map_concurrently, map_each
 from ._callables import is_async_callable
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
+from ._derived import Derived
 from ._keys import KeySequence
 from ._memo import MISSING, Memo
 from .dataset import Dataset
@@ -29,7 +30,7 @@ _LARGEST_CHUNK = 128
 _UNSET: Any = object()
 
 
-class AugmentedDataset(Dataset[K, V]):
+class AugmentedDataset(Derived[K, V]):
     """Zero, one or many child items made from each root item of ``parent``.
 
     Subclasses implement :meth:`augment`, a generator (sync or async) of
@@ -97,11 +98,6 @@ class AugmentedDataset(Dataset[K, V]):
         # query_items() groups children by root and fetches the missing roots
         # in one parent call: whole batches are always cheaper than items.
         return True
-
-    @property
-    def context(self) -> Any:
-        """The parent's ``context`` (metadata stored along a dataset), or None."""
-        return getattr(self.parent, "context", None)
 
     # -- augmenting ------------------------------------------------------
 

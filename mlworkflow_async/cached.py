@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 
-from ._keys import KeySequence
+from ._derived import SameKeys
 from ._memo import MISSING, Memo
 from .dataset import Dataset
 
@@ -21,7 +21,7 @@ V = TypeVar("V")
 _FILL_CHUNK = 64
 
 
-class CachedDataset(Dataset[K, V]):
+class CachedDataset(SameKeys[K, V]):
     """The items of ``parent``, each fetched once and then kept in memory.
 
     Tasks asking for an item that is being fetched wait for that fetch
@@ -58,24 +58,8 @@ class CachedDataset(Dataset[K, V]):
 
     # -- keys: those of the parent ---------------------------------------
 
-    @property
-    def keys(self) -> KeySequence[K]:
-        return self.parent.keys
 
-    def yield_keys(self) -> KeySequence[K]:
-        return self.parent.keys
 
-    def __len__(self) -> int:
-        return len(self.parent)
-
-    @property
-    def batched_queries(self) -> bool:  # type: ignore[override]
-        return self.parent.batched_queries
-
-    @property
-    def context(self) -> Any:
-        """The parent's ``context`` (metadata stored along a dataset), or None."""
-        return getattr(self.parent, "context", None)
 
     # -- items -----------------------------------------------------------
 

@@ -14,6 +14,7 @@ from ._amap import map_concurrently, map_each
 from ._batching import add_key_note
 from ._callables import describe, is_async_callable, positional_arity
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
+from ._derived import Derived
 from ._keys import KeySequence
 from ._memo import MISSING
 from .dataset import Dataset
@@ -29,7 +30,7 @@ _FIRST_CHUNK = 16
 _KEY_CHUNK = 1024
 
 
-class FilteredDataset(Dataset[K, V]):
+class FilteredDataset(Derived[K, V]):
     """The keys and items of ``parent`` that ``predicate`` keeps.
 
     A one-argument predicate is called with the key only, so filtering never
@@ -58,6 +59,8 @@ class FilteredDataset(Dataset[K, V]):
     view, judges each key and fetches each item once; a key queried long
     after it was discovered is judged again.
     """
+
+    parent: Dataset[K, V]
 
     def __init__(
         self,
@@ -90,14 +93,7 @@ class FilteredDataset(Dataset[K, V]):
         # Keys accepted by key discovery (values unused): not judged again.
         self._vetted: Discovered[K, bool] = Discovered()
 
-    @property
-    def batched_queries(self) -> bool:  # type: ignore[override]
-        return self.parent.batched_queries
 
-    @property
-    def context(self) -> Any:
-        """The parent's ``context`` (metadata stored along a dataset), or None."""
-        return getattr(self.parent, "context", None)
 
     # -- judging ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
 
+from ._derived import Derived
 from .dataset import Dataset
 
 __all__ = ["Subset"]
@@ -13,7 +14,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class Subset(Dataset[K, V]):
+class Subset(Derived[K, V]):
     """The items of ``parent`` for the given ``keys`` only, in that order.
 
     >>> import asyncio
@@ -23,14 +24,13 @@ class Subset(Dataset[K, V]):
     (2, ['c', 'a'])
     """
 
+    parent: Dataset[K, V]
+
     def __init__(self, parent: Dataset[K, V], keys: Iterable[K]) -> None:
         self.parent = parent
         self._subset_keys = tuple(keys)
         self._members = frozenset(self._subset_keys)
 
-    @property
-    def batched_queries(self) -> bool:  # type: ignore[override]
-        return self.parent.batched_queries
 
     def yield_keys(self) -> tuple[K, ...]:
         return self._subset_keys

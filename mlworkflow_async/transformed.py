@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from ._amap import map_concurrently, map_each
 from ._batching import add_key_note
 from ._callables import describe, is_async_callable
-from ._keys import KeySequence
+from ._derived import SameKeys
 from .dataset import Dataset
 
 __all__ = ["TransformedDataset"]
@@ -34,7 +34,7 @@ def _reject_coroutine(transform: object, key: object, item: CoroutineType[Any, A
     )
 
 
-class TransformedDataset(Dataset[K, V]):
+class TransformedDataset(SameKeys[K, V]):
     """The items of ``parent``, each passed through ``transforms`` in turn.
 
     Every transform is called as ``transform(key, item)`` and returns the new
@@ -89,24 +89,8 @@ class TransformedDataset(Dataset[K, V]):
 
     # -- keys: those of the parent ---------------------------------------
 
-    @property
-    def keys(self) -> KeySequence[K]:
-        return self.parent.keys
 
-    def yield_keys(self) -> KeySequence[K]:
-        return self.parent.keys
 
-    def __len__(self) -> int:
-        return len(self.parent)
-
-    @property
-    def batched_queries(self) -> bool:  # type: ignore[override]
-        return self.parent.batched_queries
-
-    @property
-    def context(self) -> Any:
-        """The parent's ``context`` (metadata stored along a dataset), or None."""
-        return getattr(self.parent, "context", None)
 
     # -- items -----------------------------------------------------------
 
