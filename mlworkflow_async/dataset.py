@@ -97,9 +97,13 @@ class Dataset(ABC, Generic[K, V]):
         # Created lazily: subclasses are not required to call super().__init__.
         keys: KeySequence[K] | None = self.__dict__.get("_mlworkflow_keys")
         if keys is None:
-            keys = KeySequence(self.yield_keys, type(self).__name__)
+            keys = self._new_keys()
             self.__dict__["_mlworkflow_keys"] = keys
         return keys
+
+    def _new_keys(self) -> KeySequence[K]:
+        """The key sequence :attr:`keys` memoizes; derived datasets may make another kind."""
+        return KeySequence(self.yield_keys, type(self).__name__)
 
     def __len__(self) -> int:
         """The number of items, once the keys are complete.

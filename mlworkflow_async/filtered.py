@@ -187,13 +187,8 @@ class FilteredDataset(Derived[K, V]):
 
     # -- keys ------------------------------------------------------------
 
-    @property
-    def keys(self) -> KeySequence[K]:
-        keys: KeySequence[K] | None = self.__dict__.get("_mlworkflow_keys")
-        if keys is None:
-            keys = ChunkedKeySequence(self._key_chunks, type(self).__name__)
-            self.__dict__["_mlworkflow_keys"] = keys
-        return keys
+    def _new_keys(self) -> KeySequence[K]:
+        return ChunkedKeySequence(self._key_chunks, type(self).__name__)
 
     def _key_chunks(self) -> DerivedKeyChunks[K]:
         if self.by_pairs:
