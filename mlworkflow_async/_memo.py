@@ -206,21 +206,7 @@ class Memo(Generic[K, T]):
                     mine.append(key)
                     mine_at.append(index)
         if mine:
-            try:
-                fetched = await fetch_many(mine)
-                if len(fetched) != len(mine):
-                    raise RuntimeError(
-                        f"fetching {len(mine)} values returned {len(fetched)}: "
-                        f"query_items() must return one item per key, in order"
-                    )
-            except BaseException as exc:
-                self._land(mine)
-                flight.settle((), exc)
-                raise
-            data.update(zip(mine, fetched, strict=True))
-            self._trim()
-            self._land(mine)
-            flight.settle(fetched, None)
+            fetched = await self._fetch_registered(mine, flight, fetch_many)
             for index, value in zip(mine_at, fetched, strict=True):
                 values[index] = value
         for index, other in waits:
@@ -236,6 +222,15 @@ class Memo(Generic[K, T]):
     ) -> list[T]:
         flight: _Flight[K, T] = _Flight(mine)
         self._flights.update(dict.fromkeys(mine, flight))
+        return list(await self._fetch_registered(mine, flight, fetch_many))
+
+    async def _fetch_registered(
+        self,
+        mine: list[K],
+        flight: _Flight[K, T],
+        fetch_many: Callable[[list[K]], Awaitable[Sequence[T]]],
+    ) -> Sequence[T]:
+        """Fetch ``mine``, registered as loading by ``flight``; store and hand out the values."""
         try:
             fetched = await fetch_many(mine)
             if len(fetched) != len(mine):
@@ -251,7 +246,7 @@ class Memo(Generic[K, T]):
         self._trim()
         self._land(mine)
         flight.settle(fetched, None)
-        return list(fetched)
+        return fetched
 
     def _land(self, mine: list[K]) -> None:
         """Unregister the loads of ``mine``, which are all still registered."""
