@@ -112,3 +112,25 @@ def read_keys(dataset: PickledDataset, keys: list[Any]) -> list[Any]:
 def leftovers(folder: str) -> list[str]:
     """Temporary files left in ``folder`` by an unfinished write."""
     return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
+
+
+def write_file(path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None) -> None:
+    """Write ``items`` (and ``context``) in this library's format."""
+    from mlworkflow_async import DictDataset
+
+    source = DictDataset(items)
+    if context is not None:
+        source.context = context  # type: ignore[attr-defined]
+    asyncio.run(PickledDataset.create(source, path))
+
+
+def write_original_file(
+    path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None
+) -> None:
+    """Write ``items`` (and ``context``) with the real original library."""
+    import mlworkflow
+
+    source = mlworkflow.DictDataset(items)
+    if context is not None:
+        source._context = context  # where the original looks for it
+    mlworkflow.PickledDataset.create(source, str(path))

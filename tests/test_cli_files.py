@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,10 @@ import mlworkflow
 import numpy as np
 import pytest
 
-from mlworkflow_async import DictDataset, PickledDataset
+from mlworkflow_async import PickledDataset
 from mlworkflow_async.__main__ import main
 
-from ._pickled_util import assert_same
+from ._pickled_util import assert_same, write_file, write_original_file
 
 ITEMS = {f"item{i}": {"x": np.full(3, i), "i": i} for i in range(20)}
 
@@ -23,18 +22,14 @@ ITEMS = {f"item{i}": {"x": np.full(3, i), "i": i} for i in range(20)}
 @pytest.fixture
 def new_file(tmp_path: Path) -> Path:
     path = tmp_path / "new.pkl"
-    source = DictDataset(ITEMS)
-    source.context = {"split": "test"}  # type: ignore[attr-defined]
-    asyncio.run(PickledDataset.create(source, path))
+    write_file(path, ITEMS, {"split": "test"})
     return path
 
 
 @pytest.fixture
 def legacy_file(tmp_path: Path) -> Path:
     path = tmp_path / "legacy.pkl"
-    source = mlworkflow.DictDataset(ITEMS)
-    source._context = {"from": "mlworkflow 0.6"}
-    mlworkflow.PickledDataset.create(source, str(path))
+    write_original_file(path, ITEMS, {"from": "mlworkflow 0.6"})
     return path
 
 

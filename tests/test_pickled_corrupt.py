@@ -17,7 +17,7 @@ import pytest
 from mlworkflow_async import CorruptFileError, DictDataset, PickledDataset, PickledFileError
 from mlworkflow_async._pickle_format import TRAILER, TRAILER_SIZE
 
-from ._pickled_util import assert_same, small_items
+from ._pickled_util import assert_same, small_items, write_file, write_original_file
 
 ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in range(12)}
 
@@ -25,18 +25,14 @@ ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in ran
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.pkl"
-    source = DictDataset(ITEMS)
-    source.context = {"note": "ctx"}  # type: ignore[attr-defined]
-    asyncio.run(PickledDataset.create(source, path))
+    write_file(path, ITEMS, {"note": "ctx"})
     return path
 
 
 @pytest.fixture
 def legacy_file(tmp_path: Path) -> Path:
     path = tmp_path / "legacy.pkl"
-    source = mlworkflow.DictDataset(ITEMS)
-    source._context = {"note": "ctx"}
-    mlworkflow.PickledDataset.create(source, str(path))
+    write_original_file(path, ITEMS, {"note": "ctx"})
     return path
 
 

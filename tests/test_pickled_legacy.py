@@ -12,7 +12,7 @@ import pytest
 
 from mlworkflow_async import PickledDataset, UnsafePickleError
 
-from ._pickled_util import Key, assert_same
+from ._pickled_util import Key, assert_same, write_original_file
 
 ITEMS: dict[Any, Any] = {
     Key("img", i): {"image": np.full((4, 5), i, dtype=np.uint8), "label": i % 3, "name": f"n{i}"}
@@ -22,10 +22,7 @@ ITEMS[Key("other", 0)] = ("tuple", 1.5, None, [1, 2])
 
 
 def write_original(path: Path, context: dict[str, Any] | None) -> None:
-    source = mlworkflow.DictDataset(ITEMS)
-    if context is not None:
-        source._context = context  # where the original looks for it
-    mlworkflow.PickledDataset.create(source, str(path))
+    write_original_file(path, ITEMS, context)
     # The original reads its own file back: the fixture is genuine.
     assert len(mlworkflow.PickledDataset(str(path))) == len(ITEMS)
 
