@@ -7,12 +7,17 @@
 ((1, 2), 'b')
 """
 
-from .adapters import from_sync
-from .augmented import AugmentedDataset
-from .cached import CachedDataset
-from .collate import batchify, chunkify
-from .dataset import Dataset
-from .dict_dataset import DictDataset
+from ._combinators._augmented import AugmentedDataset
+from ._combinators._cached import CachedDataset
+from ._combinators._filtered import FilteredDataset
+from ._combinators._transformed import TransformedDataset
+from ._core._adapters import from_sync
+from ._core._collate import batchify, chunkify
+from ._core._dataset import Dataset
+from ._core._dict_dataset import DictDataset
+from ._core._subset import Subset
+from ._runner._side_runner import SideRunner
+from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
     KeysNotReadyError,
@@ -23,11 +28,6 @@ from .exceptions import (
     UnsafePickleError,
     UnsupportedVersionError,
 )
-from .filtered import FilteredDataset
-from .pickled import PickledDataset
-from .side_runner import SideRunner
-from .subset import Subset
-from .transformed import TransformedDataset
 
 __all__ = [
     "AugmentedDataset",

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 
-from .dataset import Dataset
-from .filtered import FilteredDataset
-from .pickled import PickledDataset
-from .transformed import TransformedDataset
+from ._combinators._filtered import FilteredDataset
+from ._combinators._transformed import TransformedDataset
+from ._core._dataset import Dataset
+from ._store._pickled import PickledDataset
 
 LATENCY = 0.005  # simulated seconds of I/O per item
 BATCH = 64

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from . import pickled as _pickled
-from ._blocking_runner import SideRunner
-from ._portal import ensure_blocking_allowed, get_portal
+from ._core._portal import ensure_blocking_allowed, get_portal
+from ._runner._blocking import SideRunner
+from ._store import _pickled
 
 if TYPE_CHECKING:
-    from ._batching import BatchStream
-    from ._keys import KeySequence
-    from .dataset import Dataset
+    from ._core._dataset import Dataset
+    from ._core._engine import BatchStream
+    from ._core._keys import KeySequence
 
 __all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner", "PickledDataset"]
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from mlworkflow_async import Dataset, DictDataset, _batching
+from mlworkflow_async import Dataset, DictDataset
+from mlworkflow_async._core import _engine as _batching
 from tests.conftest import wait_until
 
 

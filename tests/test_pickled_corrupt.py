@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mlworkflow_async import CorruptFileError, DictDataset, PickledDataset, PickledFileError
-from mlworkflow_async._pickle_format import TRAILER, TRAILER_SIZE
+from mlworkflow_async._store._format import TRAILER, TRAILER_SIZE
 
 from ._pickled_util import assert_same, small_items, write_file, write_original_file
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mlworkflow_async import DictDataset, PickledDataset
-from mlworkflow_async import _page_cache as pages
+from mlworkflow_async._store import _page_cache as pages
 
 from ._pickled_util import Key, assert_same, small_items
 

@@ -21,7 +21,7 @@ from mlworkflow_async import (
     UnpicklableItemError,
     UnsupportedVersionError,
 )
-from mlworkflow_async._pickle_format import HEADER_SIZE, MAGIC, TRAILER_SIZE
+from mlworkflow_async._store._format import HEADER_SIZE, MAGIC, TRAILER_SIZE
 
 from ._pickled_util import Key, Point, assert_same, leftovers, small_items
 

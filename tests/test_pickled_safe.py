@@ -102,6 +102,6 @@ async def test_numpy_cannot_be_made_to_read_pointers(tmp_path: Path) -> None:
     with PickledDataset(path, safe=True) as ds, pytest.raises(CorruptFileError, match="'bad'"):
         await ds.query_item("bad")
     crafted = pickle.dumps(np.arange(3))  # numpy's own reduction still loads safely
-    from mlworkflow_async._safe_unpickler import make_loads
+    from mlworkflow_async._store._safe_unpickler import make_loads
 
     np.testing.assert_array_equal(make_loads(True)(crafted), np.arange(3))

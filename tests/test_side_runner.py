@@ -12,8 +12,8 @@ import anyio.from_thread
 import pytest
 
 from mlworkflow_async import SideRunner
+from mlworkflow_async._runner._side_runner import RunHandle
 from mlworkflow_async.exceptions import RunnerClosedError
-from mlworkflow_async.side_runner import RunHandle
 
 from .conftest import wait_until
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
 from typing import Any, Generic, TypeVar
 
-from .exceptions import KeysNotReadyError
+from ..exceptions import KeysNotReadyError
 
 K = TypeVar("K")
 

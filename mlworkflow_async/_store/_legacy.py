@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._pickle_format import Entry, Layout, Read, corrupt, index_error
+from ._format import Entry, Layout, Read, corrupt, index_error
 from ._safe_unpickler import load_consecutive, load_plain_int
 
 __all__ = ["looks_legacy", "parse_legacy"]

@@ -31,8 +31,7 @@ from typing import Any
 import anyio.to_thread
 
 from . import _page_cache as pages
-from ._legacy_format import looks_legacy, parse_legacy
-from ._pickle_format import (
+from ._format import (
     ALIGN,
     HEADER_SIZE,
     MAGIC,
@@ -44,6 +43,7 @@ from ._pickle_format import (
     item_error,
     parse,
 )
+from ._legacy import looks_legacy, parse_legacy
 from ._safe_unpickler import make_loads
 
 __all__ = ["FileReader", "INLINE_BYTES"]

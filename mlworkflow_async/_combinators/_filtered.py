@@ -10,14 +10,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._amap import map_concurrently, map_each
-from ._batching import add_key_note
-from ._callables import describe, is_async_callable, positional_arity
+from .._core._amap import map_concurrently, map_each
+from .._core._callables import describe, is_async_callable, positional_arity
+from .._core._dataset import Dataset
+from .._core._engine import add_key_note
+from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
-from ._keys import KeySequence
 from ._memo import MISSING
-from .dataset import Dataset
 
 __all__ = ["FilteredDataset"]
 

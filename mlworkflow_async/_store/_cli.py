@@ -58,8 +58,8 @@ def add_file_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _open(path: str, safe: bool) -> Any:
-    from .exceptions import PickledFileError
-    from .pickled import PickledDataset
+    from ..exceptions import PickledFileError
+    from ._pickled import PickledDataset
 
     try:
         return PickledDataset(path, safe=safe)
@@ -124,8 +124,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .exceptions import PickledFileError, UnpicklableItemError
-    from .pickled import PickledDataset
+    from ..exceptions import PickledFileError, UnpicklableItemError
+    from ._pickled import PickledDataset
 
     ds = _open(args.old, args.safe)
     if ds is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, TypeVar
 
-from ._keys import KeySequence
-from .dataset import Dataset
+from .._core._dataset import Dataset
+from .._core._keys import KeySequence
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

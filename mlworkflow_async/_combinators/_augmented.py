@@ -10,13 +10,13 @@ from itertools import chain
 from operator import itemgetter, length_hint
 from typing import Any, TypeVar, cast
 
-from ._amap import map_concurrently, map_each
-from ._callables import is_async_callable
+from .._core._amap import map_concurrently, map_each
+from .._core._callables import is_async_callable
+from .._core._dataset import Dataset
+from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
-from ._keys import KeySequence
 from ._memo import MISSING, Memo
-from .dataset import Dataset
 
 __all__ = ["AugmentedDataset"]
 

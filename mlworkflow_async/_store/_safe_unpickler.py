@@ -127,7 +127,7 @@ def make_loads(safe: bool, allow: Iterable[object] = ()) -> Loads:
     >>> loads(pickle.dumps(print))
     Traceback (most recent call last):
     ...
-    mlworkflow_async._safe_unpickler.ForbiddenGlobal: builtins.print
+    mlworkflow_async._store._safe_unpickler.ForbiddenGlobal: builtins.print
     """
     if not safe:
         return pickle.loads

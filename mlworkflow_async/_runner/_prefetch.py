@@ -24,8 +24,8 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._callables import describe, is_async_callable, positional_arity
-from .exceptions import RunnerClosedError
+from .._core._callables import describe, is_async_callable, positional_arity
+from ..exceptions import RunnerClosedError
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 :class:`PickledDataset` writes every item of a dataset into a single file and
 reads them back by key. It also reads the files of the original
-``mlworkflow`` library (see :mod:`mlworkflow_async._legacy_format`).
+``mlworkflow`` library (see :mod:`mlworkflow_async._store._legacy`).
 
 File format (version 1)
 -----------------------
@@ -43,11 +43,11 @@ from typing import IO, Any, BinaryIO, cast
 import anyio
 import anyio.to_thread
 
-from ._file_reads import FileReader
-from ._file_writes import AtomicFile, FileObject, Sink
-from ._keys import KeySequence
-from ._pickle_format import Encoder, header
-from .dataset import Dataset
+from .._core._dataset import Dataset
+from .._core._keys import KeySequence
+from ._format import Encoder, header
+from ._reads import FileReader
+from ._writes import AtomicFile, FileObject, Sink
 
 __all__ = ["PickledDataset"]
 
@@ -307,7 +307,7 @@ def _as_dataset(dataset: Any) -> Dataset[Any, Any]:
     if callable(getattr(dataset, "query_item", None)) and callable(
         getattr(dataset, "yield_keys", None)
     ):
-        from .adapters import from_sync
+        from .._core._adapters import from_sync
 
         return from_sync(dataset)
     raise TypeError(f"create() needs a dataset, got {dataset!r}")

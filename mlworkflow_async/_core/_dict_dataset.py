@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import TypeVar
 
-from .dataset import Dataset
+from ._dataset import Dataset
 
 __all__ = ["DictDataset"]
 

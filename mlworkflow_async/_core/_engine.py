@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._keys import KeySequence
 
 if TYPE_CHECKING:
-    from .dataset import Dataset
+    from ._dataset import Dataset
 
 K = TypeVar("K")
 

@@ -30,12 +30,12 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 from anyio.abc import TaskStatus
 
-from ._callables import describe
-from ._portal import ensure_blocking_allowed, get_portal
+from .._core._callables import describe
+from .._core._portal import ensure_blocking_allowed, get_portal
+from ..exceptions import RunnerClosedError
 from ._prefetch import Prefetcher
-from .exceptions import RunnerClosedError
-from .side_runner import RunHandle, not_a_function
-from .side_runner import SideRunner as AsyncSideRunner
+from ._side_runner import RunHandle, not_a_function
+from ._side_runner import SideRunner as AsyncSideRunner
 
 __all__ = ["SideRunner", "SyncPrefetcher"]
 

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import numpy as np
 
-from ._batching import BatchStream, add_key_note
+from ._collate import batchify
+from ._engine import BatchStream, add_key_note
 from ._keys import KeySequence
-from .collate import batchify
 
 if TYPE_CHECKING:
-    from .sync import SyncView
+    from ..sync import SyncView
 
 __all__ = ["Dataset"]
 
@@ -204,7 +204,7 @@ class Dataset(ABC, Generic[K, V]):
         >>> ds.sync.keys.all(), ds.sync.query_item(2)
         ((1, 2), 'b')
         """
-        from .sync import SyncView
+        from ..sync import SyncView
 
         return SyncView(self)
 

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from .exceptions import SyncInLoopError
+from ..exceptions import SyncInLoopError
 
 _lock = threading.Lock()
 _portal: BlockingPortal | None = None

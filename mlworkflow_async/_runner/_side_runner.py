@@ -39,9 +39,9 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 import anyio.to_thread
 
-from ._callables import describe, is_async_callable
+from .._core._callables import describe, is_async_callable
+from ..exceptions import RunnerClosedError
 from ._prefetch import Prefetcher, _Channel, _stop, check_source, produce
-from .exceptions import RunnerClosedError
 
 __all__ = ["SideRunner", "RunHandle"]
 

@@ -1,6 +1,6 @@
 """Encoding and decoding of the PickledDataset file format (version 1).
 
-The layout is described in the docstring of :mod:`mlworkflow_async.pickled`.
+The layout is described in the docstring of :mod:`mlworkflow_async._store._pickled`.
 Everything here is pure computation over bytes; reading and writing files is
 left to the callers, so that it can happen off the event loop.
 """
@@ -15,13 +15,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._safe_unpickler import ForbiddenGlobal, Loads
-from .exceptions import (
+from ..exceptions import (
     CorruptFileError,
     UnpicklableItemError,
     UnsafePickleError,
     UnsupportedVersionError,
 )
+from ._safe_unpickler import ForbiddenGlobal, Loads
 
 MAGIC = b"\x89MLWDS\r\n"
 END_MAGIC = b"MLWDSEND"

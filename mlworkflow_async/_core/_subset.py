@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
 
-from ._derived import Derived
-from .dataset import Dataset
+from .._combinators._derived import Derived
+from ._dataset import Dataset
 
 __all__ = ["Subset"]
 

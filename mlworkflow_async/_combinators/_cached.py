@@ -8,9 +8,9 @@ from typing import TypeVar
 
 import anyio
 
+from .._core._dataset import Dataset
 from ._derived import SameKeys
 from ._memo import MISSING, Memo
-from .dataset import Dataset
 
 __all__ = ["CachedDataset"]
 

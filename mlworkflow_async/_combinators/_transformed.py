@@ -6,11 +6,11 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from types import CoroutineType
 from typing import Any, TypeVar
 
-from ._amap import map_concurrently, map_each
-from ._batching import add_key_note
-from ._callables import describe, is_async_callable
+from .._core._amap import map_concurrently, map_each
+from .._core._callables import describe, is_async_callable
+from .._core._dataset import Dataset
+from .._core._engine import add_key_note
 from ._derived import SameKeys
-from .dataset import Dataset
 
 __all__ = ["TransformedDataset"]
 

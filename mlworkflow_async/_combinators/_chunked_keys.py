@@ -32,7 +32,7 @@ from collections.abc import (
 from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
 
-from ._keys import KeySequence
+from .._core._keys import KeySequence
 from ._memo import MISSING, _Missing
 
 __all__ = ["ChunkedKeySequence", "Discovered", "DerivedKeyChunks", "flatten_chunks"]

@@ -10,8 +10,8 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
+from ._dataset import Dataset
 from ._loop_local import LoopLocal
-from .dataset import Dataset
 
 __all__ = ["SyncDatasetLike", "from_sync", "FromSync"]
 
