@@ -98,7 +98,7 @@ def test_async_skip_failed_stores_the_rest_and_lists_failures(
     )
     assert code == 0
     with PickledDataset(out) as stored:
-        assert stored.sync.keys.all() == tuple(good)  # in order, failures left out
+        assert stored.sync.keys.all() == list(good)  # in order, failures left out
         for url, item in zip(good, stored.sync.query_items(good), strict=True):
             assert sha256(item) == sha256(server.files[url.rpartition("/")[2]])
     check_bound(server, 6)
@@ -125,7 +125,7 @@ async def test_async_download_function_reports_failures(
         server.files["file-002.bin"]
     )
     async with await PickledDataset.open(out) as stored:
-        assert await stored.keys.all() == (urls[0], urls[2])
+        assert await stored.keys.all() == [urls[0], urls[2]]
 
 
 # -- sync: the blocking SideRunner, seed style --------------------------------
