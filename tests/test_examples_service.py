@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
+import statistics
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -114,18 +114,23 @@ async def test_concurrent_batches_are_distinct_and_health_stays_fast(service: Se
     # the 200 batch requests, and timing health from it would time this
     # test's client rather than the service.
     poller = HealthPoller(service.url)
+    batch_latencies: list[float] = []
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
         health = await client.get("/health")
         assert health.json() == {"status": "ok", "served": 0, "loading": 0}
 
-        def request(i: int) -> Any:
+        async def request(i: int) -> httpx.Response:
+            start = time.perf_counter()
             # Every third in .npy by query parameter, every third by Accept header.
             if i % 3 == 1:
-                return client.get("/batch", params={"size": BATCH, "format": "npy"})
-            if i % 3 == 2:
+                answer = await client.get("/batch", params={"size": BATCH, "format": "npy"})
+            elif i % 3 == 2:
                 headers = {"Accept": data_service.NPY_MEDIA_TYPE}
-                return client.get("/batch", params={"size": BATCH}, headers=headers)
-            return client.get("/batch", params={"size": BATCH})
+                answer = await client.get("/batch", params={"size": BATCH}, headers=headers)
+            else:
+                answer = await client.get("/batch", params={"size": BATCH})
+            batch_latencies.append(time.perf_counter() - start)
+            return answer
 
         poller.start()
         try:
@@ -134,12 +139,17 @@ async def test_concurrent_batches_are_distinct_and_health_stays_fast(service: Se
             poller.stop.set()
             await asyncio.to_thread(poller.join, 10)
 
-    # Health answered while batches were really loading, and promptly.
+    # Health answered while batches were really loading, without waiting for
+    # them: typically far faster than a batch in the same run (a ratio, as
+    # absolute times mean nothing on a loaded machine).
     assert poller.error is None
-    assert max(poller.loading) > 0
-    latencies = poller.latencies
-    assert len(latencies) >= 5
-    assert max(latencies) < 0.050, [f"{t * 1000:.1f} ms" for t in latencies]
+    assert sum(loading > 0 for loading in poller.loading) >= 3
+    assert len(poller.latencies) >= 5
+    health_time = statistics.median(poller.latencies)
+    batch_time = statistics.median(batch_latencies)
+    assert health_time * 4 < batch_time, (
+        f"median health {health_time * 1000:.1f} ms, batch {batch_time * 1000:.1f} ms"
+    )
 
     x_expected, labels_expected = await expected_items(service.data)
     all_keys: list[int] = []
