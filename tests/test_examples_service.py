@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from examples import data_service
-from mlworkflow_async import PickledDataset
+from mlworkflow_async import DictDataset, PickledDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 ITEMS, FEATURES, BATCH = 4096, 16, 8
@@ -203,15 +203,65 @@ async def test_bad_requests_and_epochs(service: Service) -> None:
 
 async def test_reuses_an_existing_data_file(tmp_path: Path) -> None:
     data = tmp_path / "data.pickle"
-    assert await data_service.prepare_data(data, 50, 3)
+    assert await data_service.prepare_data(data, 50, 3) == "generated"
     before = data.stat().st_mtime_ns
-    assert not await data_service.prepare_data(data, 50, 3)
+    assert await data_service.prepare_data(data, 50, 3) == "found"
     assert data.stat().st_mtime_ns == before
     async with await PickledDataset.open(data) as stored:
         assert len(stored) == 50
         item = await data_service.transformed(stored, 0).query_item(7)
     assert item["x"].shape == (3,)
     assert item["x"].dtype == np.float32
+
+
+async def test_a_data_file_of_other_data_is_generated_again(tmp_path: Path) -> None:
+    data = tmp_path / "data.pickle"
+    assert await data_service.prepare_data(data, 50, 3) == "generated"
+    origin = await data_service.prepare_data(data, 20, 4)
+    assert origin == "generated again: it held other data (items 50 -> 20, features 3 -> 4)"
+    async with await PickledDataset.open(data) as stored:
+        assert len(stored) == 20
+        assert stored.context["generated_with"] == {"items": 20, "features": 4, "seed": 0}
+        assert len(stored.context["mean"]) == 4
+        assert (await stored.query_item(0))["x"].shape == (4,)
+    assert await data_service.prepare_data(data, 20, 4) == "found"
+
+    # A file written before the settings were recorded, and one that is no dataset.
+    old = tmp_path / "old.pickle"
+    items = {i: {"x": np.zeros(4, np.float32), "label": 0} for i in range(10)}
+    await PickledDataset.create(DictDataset(items), old)
+    assert await data_service.prepare_data(old, 10, 4) == (
+        "generated again: it did not say which data it held"
+    )
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a dataset")
+    with pytest.raises(FileExistsError, match="pass another --data, or remove"):
+        await data_service.prepare_data(notes, 10, 4)
+    assert notes.read_text() == "not a dataset"
+
+
+async def test_the_service_says_it_generated_other_data_again(tmp_path: Path) -> None:
+    data = tmp_path / "service.pickle"
+    assert await data_service.prepare_data(data, 30, FEATURES) == "generated"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples" / "data_service.py"),
+        "--port", "0", "--data", str(data), "--items", "40", "--features", str(FEATURES),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        service = Service(process, "", data)
+        service.url = (await service.read_line()).rpartition(" ")[2]
+        assert await service.read_line() == (
+            f"ready on {service.url}: 40 items in {data} "
+            "(generated again: it held other data (items 30 -> 40))"
+        )
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def test_cursor_cycles_without_overlap() -> None:
