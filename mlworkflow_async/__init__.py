@@ -11,10 +11,6 @@ from ._combinators._augmented import AugmentedDataset
 from ._combinators._cached import CachedDataset
 from ._combinators._filtered import FilteredDataset
 from ._combinators._transformed import TransformedDataset
-from ._combinators._augmented import AugmentedDataset
-from ._combinators._cached import CachedDataset
-from ._combinators._filtered import FilteredDataset
-from ._combinators._transformed import TransformedDataset
 from ._core._adapters import from_sync
 from ._core._collate import batchify, chunkify
 from ._core._dataset import Dataset
