@@ -3,12 +3,23 @@
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
 naming the key that was being processed is added to them.
+
+Hierarchy (each class subclasses the builtin it resembles)::
+
+    RuntimeError ── KeysNotReadyError, SyncInLoopError, RunnerClosedError
+    OSError ── PickledFileError
+                 ├── CorruptFileError
+                 ├── UnsupportedVersionError
+                 ├── UnsafePickleError
+                 └── KeyClassNotFoundError
+    TypeError ── UnpicklableItemError
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CorruptFileError",
+    "KeyClassNotFoundError",
     "KeysNotReadyError",
     "PickledFileError",
     "RunnerClosedError",
@@ -72,6 +83,15 @@ class UnsupportedVersionError(PickledFileError):
     """The file was written by a newer version of mlworkflow-async.
 
     Upgrade the library to read it.
+    """
+
+
+class KeyClassNotFoundError(PickledFileError):
+    """The keys (or context) of the file are of a class that cannot be imported here.
+
+    The message names the module or class the file needs: install or import
+    the package that defines it (the one that wrote the file), then open the
+    file again.
     """
 
 

@@ -198,8 +198,9 @@ async def test_file_truncated_after_opening(tmp_path: Path, mmap: bool) -> None:
 
 
 def test_a_directory_is_not_a_dataset(tmp_path: Path) -> None:
-    with pytest.raises(CorruptFileError, match="not a regular file"):
+    with pytest.raises(IsADirectoryError, match="Is a directory") as info:
         PickledDataset(tmp_path)
+    assert info.value.filename == str(tmp_path)
 
 
 def test_missing_file_is_a_plain_file_not_found(tmp_path: Path) -> None:

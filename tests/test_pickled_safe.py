@@ -20,11 +20,16 @@ from ._pickled_util import Key, Point, RunsCommand, assert_same
 
 PLAIN: dict[str, Any] = {
     "containers": {"l": [1, 2], "t": (3, "x"), "s": {4}, "f": frozenset({5}), "b": b"raw",
-                   "ba": bytearray(b"ba"), "c": complex(1, 2), "r": range(3), "n": None},
+                   "ba": bytearray(b"ba"), "c": complex(1, 2), "sl": slice(1, 2), "n": None},
     "arrays": (np.arange(5.0), np.zeros((2, 3), np.int8), np.asfortranarray(np.ones((2, 2))),
-               np.array([1, "x"], dtype=object), np.array([(1, 2.0)], dtype="i4,f8"),
-               np.array(["2024-01-01"], dtype="M8[D]")),
-    "scalars": (np.float32(2.5), np.int16(-4), np.dtype("f4"), np.bool_(False)),
+               np.array([(1, 2.0)], dtype="i4,f8"), np.array([(1, 2.0)], dtype=">i4,<f8"),
+               np.zeros(2, dtype=np.dtype("i1,f8", align=True)),
+               np.array(["2024-01-01"], dtype="M8[D]"), np.arange(6).reshape(2, 3)[:, ::2],
+               np.array([b"ab", b"c"]), np.array(["x", "yz"]), np.zeros(3, ">u2")),
+    "scalars": (np.float32(2.5), np.int16(-4), np.dtype("f4"), np.bool_(False),
+                np.dtype("i4,f8"), np.bytes_(b"abc"), np.str_("ab"), np.int64(7).newbyteorder()
+                if hasattr(np.int64(7), "newbyteorder") else np.uint8(3),
+                np.datetime64("2024-01-02"), np.zeros(1, "i4,f8")[0]),
 }
 
 
