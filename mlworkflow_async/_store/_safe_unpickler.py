@@ -351,6 +351,18 @@ def _count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def _empty_shape(shape: object) -> tuple[int, ...]:
+    """The shape ``_reconstruct`` is given: numpy's pickles always ask for an empty array.
+
+    Its contents come with the state that follows; ``_reconstruct`` itself
+    leaves memory uninitialised, which a file must not be able to read.
+    """
+    size = _shape(shape)
+    if _count(size):
+        raise BadNumpyState(f"an array is rebuilt with shape {size}, not empty")
+    return size
+
+
 # -- the checking C unpickler (trusted files) ---------------------------------
 
 # Pickles that may set a numpy state: numpy's own reductions name these.
@@ -410,11 +422,10 @@ class _Checked(pickle.Unpickler):
 
     _special = _numpy_names("_checked")
 
-    def __init__(self, file: io.BytesIO, buffers: Any, limit: int) -> None:
+    def __init__(self, file: io.BytesIO, buffers: Any) -> None:
         super().__init__(file, buffers=buffers)
         self._made: list[np.dtype[Any]] = []
         self._seen: set[int] = set()  # ids of those already checked (all stay alive)
-        self._limit = limit
 
     def find_class(self, module: str, name: str) -> Any:
         special = self._special.get((module, name))
@@ -441,12 +452,8 @@ class _Checked(pickle.Unpickler):
         return scalar
 
     def _checked_reconstruct(self, subtype: object, shape: object, dtype: object) -> Any:
-        dt, size = _resolve(dtype, objects=False), _shape(shape)
-        if _count(size) * max(dt.itemsize, 1) > self._limit:
-            raise BadNumpyState(f"an array of shape {size} is larger than its pickle allows")
-        if subtype is np.ndarray:
-            return np.zeros(size, dt)  # numpy's version leaves memory uninitialised
-        if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)) or _count(size):
+        dt, size = _resolve(dtype, objects=False), _empty_shape(shape)
+        if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
             raise BadNumpyState(f"cannot rebuild an array of type {subtype!r:.80}")
         return _RECONSTRUCT(subtype, size, dt)
 
@@ -585,9 +592,8 @@ class _Careful(_Base):  # type: ignore[misc]
     def _careful_reconstruct(self, subtype: object, shape: object, dtype: object) -> Any:
         if subtype is not _NDARRAY and subtype is not np.ndarray:
             raise BadNumpyState(f"cannot rebuild an array of type {subtype!r:.80}")
-        dt, size = _resolve(dtype, self._objects), _shape(shape)
-        self._charge(_count(size) * max(dt.itemsize, 1))
-        array: np.ndarray[Any, Any] = np.zeros(size, dt)  # numpy's leaves memory uninitialised
+        dt, size = _resolve(dtype, self._objects), _empty_shape(shape)
+        array: np.ndarray[Any, Any] = np.empty(size, dt)
         self._fresh[id(array)] = array
         return array
 
@@ -782,7 +788,7 @@ def _trusted_loads(data: Any, buffers: Any = None) -> Any:
             io.BytesIO(data), buffers, names=None, classes=frozenset(), budget=math.inf,
             size=size,
         ).load()
-    return _Checked(io.BytesIO(data), buffers, BUILD_FACTOR * size + BUILD_SLACK).load()
+    return _Checked(io.BytesIO(data), buffers).load()
 
 
 def load_plain_int(data: bytes) -> tuple[int, int]:
