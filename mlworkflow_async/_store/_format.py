@@ -8,6 +8,7 @@ left to the callers, so that it can happen off the event loop.
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -110,10 +111,18 @@ def _missing_class(exc: BaseException) -> str | None:
     """What a pickle wanted to import, when ``exc`` says it could not be found."""
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         return f"the module {exc.name!r}"
-    module = getattr(exc, "obj", None)
-    if isinstance(exc, AttributeError) and isinstance(module, type(pickle)):
-        return f"{module.__name__}.{exc.name}"
+    if isinstance(exc, AttributeError):
+        module = getattr(exc, "obj", None)
+        if isinstance(module, type(pickle)):
+            return f"{module.__name__}.{exc.name}"
+        # The unpickler's own message: Can't get attribute 'X' on <module 'm' from ...>
+        found = _NO_ATTRIBUTE.match(str(exc))
+        if found:
+            return f"{found[2]}.{found[1]}"
     return None
+
+
+_NO_ATTRIBUTE = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
 
 
 def _hint(exc: BaseException) -> str:
