@@ -42,6 +42,7 @@ PER_CHILD = 450
 CHILDREN = 2
 
 
+@pytest.mark.timeout(900)  # about 15 ms of CPU per flipped file
 @pytest.mark.parametrize("writer", WRITERS)
 def test_every_flipped_byte_reads_safely(tmp_path: Path, writer: str) -> None:
     original = tmp_path / "original.pkl"
