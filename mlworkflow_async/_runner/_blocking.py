@@ -315,7 +315,7 @@ class SideRunner:
     Same calls, no ``await``: ``run_async`` returns a
     :class:`concurrent.futures.Future`, ``collect_runs()`` the list of
     results, ``yield_async`` a plain iterator; ``do`` forgets its run, whose
-    error is raised by ``collect_runs()`` or ``close()``. Use it in a
+    error is raised by ``close()``. Use it in a
     ``with`` block, or call :meth:`close` (otherwise it is closed at exit).
 
     >>> from mlworkflow_async.sync import SideRunner

@@ -459,9 +459,10 @@ class SideRunner:
         """Wait for every pending run; return their results in submission order.
 
         The pending list is then empty. If runs failed, the others are still
-        waited for, then an ``ExceptionGroup`` of the failures is raised (it
-        also holds failures of :meth:`do` runs seen so far). With
-        ``return_exceptions=True`` the exceptions take the place of results.
+        waited for, then an ``ExceptionGroup`` of their failures is raised.
+        With ``return_exceptions=True`` the exceptions take the place of
+        results. Only the runs of :meth:`run_async` are collected: a failed
+        :meth:`do` run is raised when the runner's block is left.
         """
         session = self._open_session("collect_runs")
         runs, session.pending = session.pending, []
@@ -482,9 +483,6 @@ class SideRunner:
                 results.append(exc)
         if return_exceptions:
             return results
-        if session.failures:
-            failures += session.failures
-            session.failures = []
         if failures:
             raise BaseExceptionGroup(f"{len(failures)} of {len(runs)} runs failed", failures)
         return results
