@@ -16,7 +16,8 @@ from ._core._collate import batchify, chunkify
 from ._core._dataset import Dataset
 from ._core._dict_dataset import DictDataset
 from ._core._subset import Subset
-from ._runner._side_runner import SideRunner
+from ._runner._prefetch import Prefetcher
+from ._runner._side_runner import RunHandle, SideRunner
 from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
@@ -39,6 +40,8 @@ __all__ = [
     "KeysNotReadyError",
     "PickledDataset",
     "PickledFileError",
+    "Prefetcher",
+    "RunHandle",
     "RunnerClosedError",
     "SideRunner",
     "Subset",

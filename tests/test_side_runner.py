@@ -11,8 +11,8 @@ import anyio
 import anyio.from_thread
 import pytest
 
-from mlworkflow_async import SideRunner
-from mlworkflow_async._runner._side_runner import RunHandle
+import mlworkflow_async
+from mlworkflow_async import Prefetcher, RunHandle, SideRunner
 from mlworkflow_async.exceptions import RunnerClosedError
 
 from .conftest import wait_until
@@ -617,3 +617,27 @@ async def test_yield_async_with_nothing_in_advance_fetches_on_demand() -> None:
             await asyncio.sleep(0.001)
         assert produced == 2
         await stream.aclose()
+
+
+async def test_returned_objects_are_public_and_say_so() -> None:
+    assert {"RunHandle", "Prefetcher"} <= set(mlworkflow_async.__all__)
+
+    def numbers() -> object:
+        yield from range(3)
+
+    async with SideRunner(1) as runner:
+        handle = runner.run_async(abs, -1)
+        stream = runner.yield_async(numbers(), in_advance=2)
+        assert isinstance(handle, RunHandle)
+        assert isinstance(stream, Prefetcher)
+        assert await handle == 1
+        assert await anext(stream) == 0
+        await wait_until(lambda: "2 ready" in repr(stream))
+        assert repr(stream).startswith("<Prefetcher of ")
+        assert repr(stream).endswith(".numbers in_advance=2 2 ready>")
+        assert [x async for x in stream] == [1, 2]
+        assert repr(stream).endswith(".numbers in_advance=2 finished>")
+    assert repr(handle) == "<RunHandle abs done>"
+    for cls in (RunHandle, Prefetcher):
+        assert cls.__module__ == "mlworkflow_async"
+        assert "_runner" not in repr(cls)

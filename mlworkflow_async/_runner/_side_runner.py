@@ -74,6 +74,7 @@ class RunHandle(Generic[T]):
     cancelled run raises :class:`concurrent.futures.CancelledError`.
     """
 
+    __module__ = "mlworkflow_async"  # public: exported there
     __slots__ = (
         "_args",
         "_detached",
@@ -508,7 +509,7 @@ class SideRunner:
         task = session.loop.create_task(produce(channel, gen))
         session.producers[task] = channel
         task.add_done_callback(session.forget_producer)
-        return Prefetcher(session.loop, channel, task)
+        return Prefetcher(session.loop, channel, task, describe(gen))
 
     # -- the workers ------------------------------------------------------
 
