@@ -1,7 +1,10 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Each creates .venv on first use and installs the project into it.
+# Each creates a virtual environment on first use and installs the project into it:
+# .venv for the default python3, .venv-X.Y for another interpreter, e.g.
+# `make test PYTHON="$(pyenv prefix 3.12.1)/bin/python3"` uses .venv-3.12.
 PYTHON ?= python3
-VENV := .venv
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench bench-quick clean
@@ -40,4 +43,4 @@ bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf .venv .venv-* build *.egg-info .mypy_cache .pytest_cache .ruff_cache
