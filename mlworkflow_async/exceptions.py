@@ -14,6 +14,7 @@ __all__ = [
     "RunnerClosedError",
     "SyncInLoopError",
     "UnpicklableItemError",
+    "UnsupportedBackendError",
     "UnsafePickleError",
     "UnsupportedVersionError",
 ]
@@ -32,6 +33,14 @@ class SyncInLoopError(RuntimeError):
 
     Blocking there would freeze the loop, so the blocking facades refuse.
     Use the async API (``await ...`` / ``async for ...``) instead.
+    """
+
+
+class UnsupportedBackendError(RuntimeError):
+    """An asyncio-only part of the library was used under another async backend.
+
+    ``SideRunner`` runs on asyncio: use it under ``asyncio.run(...)`` or
+    ``anyio.run(...)`` with its default asyncio backend, not under trio.
     """
 
 

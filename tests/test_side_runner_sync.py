@@ -260,6 +260,8 @@ def test_an_unclosed_runner_finishes_its_work_at_exit_and_reports_failures() -> 
         "done 1",
         "done 2",
         "done 3",
+        "done 4",
+        "done 5",
         "dropped runner's work ran",
     ]
     assert "ValueError: failure nobody collected" in done.stderr

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import functools
 import inspect
 import reprlib
+import threading
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable
 from types import TracebackType
@@ -40,7 +40,8 @@ import anyio
 import anyio.to_thread
 
 from .._core._callables import describe, is_async_callable
-from ..exceptions import RunnerClosedError
+from .._core._portal import running_loop_library
+from ..exceptions import RunnerClosedError, UnsupportedBackendError
 from ._prefetch import Prefetcher, _Channel, _stop, check_source, produce
 
 __all__ = ["SideRunner", "RunHandle"]
@@ -52,6 +53,7 @@ _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = range(5)
 _NO_KWARGS: dict[str, Any] = {}
 # Runs that finish without suspending would otherwise starve the loop.
 _YIELD_EVERY = 64
+_THREAD_RETRY_SECONDS = 0.002
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -336,7 +338,15 @@ class SideRunner:
                 "this SideRunner is already open; leave its `async with` block before "
                 "entering it again, or make another runner"
             )
-        self._session = _Session(asyncio.get_running_loop(), self.pool_size)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise UnsupportedBackendError(
+                f"SideRunner needs asyncio, but it was entered under "
+                f"{running_loop_library() or 'another event loop'}; run the program with "
+                f"asyncio.run(main()) or anyio.run(main) (asyncio is anyio's default backend)"
+            ) from None
+        self._session = _Session(loop, self.pool_size)
         return self
 
     async def __aexit__(
@@ -558,11 +568,7 @@ class SideRunner:
         executor = self.executor
         if executor is not None:
             return await _in_executor(executor, fn, args, kwargs)
-        if kwargs:
-            call = functools.partial(fn, *args, **kwargs)
-            result = await anyio.to_thread.run_sync(call, limiter=session.limiter)
-        else:
-            result = await anyio.to_thread.run_sync(fn, *args, limiter=session.limiter)
+        result = await _in_thread(fn, args, kwargs, session.limiter)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -575,6 +581,41 @@ class SideRunner:
             f"<SideRunner pool_size={self.pool_size} running={session.active} "
             f"queued={len(session.queue)} pending={len(session.pending)}>"
         )
+
+
+async def _in_thread(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limiter: anyio.CapacityLimiter,
+) -> Any:
+    """``fn(*args, **kwargs)`` in a worker thread.
+
+    Once the interpreter is shutting down, Python 3.12 refuses to start
+    threads, even in exit hooks: the run then waits for a worker thread that
+    exists already (the blocking runners' loop always keeps one), so that
+    work handed over just before exit still runs to its end.
+    """
+    started = False
+
+    def call() -> Any:
+        nonlocal started
+        started = True
+        return fn(*args, **kwargs)
+
+    while True:
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=limiter)
+        except RuntimeError as exc:
+            if started or not _threads_refused(exc):
+                raise
+        await anyio.sleep(_THREAD_RETRY_SECONDS)
+
+
+def _threads_refused(exc: RuntimeError) -> bool:
+    return "interpreter shutdown" in str(exc) and any(
+        t.name == "AnyIO worker thread" for t in threading.enumerate()
+    )
 
 
 async def _in_executor(
