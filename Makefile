@@ -7,7 +7,7 @@ PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info
 VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo deps test lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -28,6 +28,8 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed-base
 	$(BIN)/python -m mlworkflow_async demo
+
+deps: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
