@@ -145,6 +145,33 @@ def test_error_in_the_with_block_cancels_queued_work() -> None:
     assert all(f.cancelled() for f in futures[1:])
 
 
+def test_an_error_in_the_with_block_notes_the_runs_that_failed_meanwhile() -> None:
+    # The block's error is what the async runner's block is left with.
+    with pytest.raises(KeyError) as info, SideRunner(1) as runner:
+        failing = runner.run_async(fail, "meanwhile")
+        cf.wait([failing], timeout=5)  # done, but its outcome unread
+        raise KeyError("body")
+    assert any("meanwhile" in note for note in info.value.__notes__)
+
+
+def test_a_dropped_runner_closes_once_its_work_is_over() -> None:
+    gate = threading.Event()
+    runner = SideRunner(1)
+    future = runner.run_async(gate.wait, 5)
+    core = runner._core
+    del runner
+    gc.collect()
+    assert core.closed
+    assert core.exited is None  # its work is still going
+    gate.set()
+    assert future.result(timeout=5) is True
+    deadline = time.monotonic() + 10
+    while (core.exited is None or not core.exited.done()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert core.exited is not None
+    assert core.exited.done()
+
+
 def test_cancelling_a_future_before_it_starts() -> None:
     gate = threading.Event()
     ran: list[str] = []

@@ -378,6 +378,12 @@ class SideRunner:
                 + "; ".join(repr(f) for f in failures[:5])
             )
 
+    async def _wait_idle(self) -> None:
+        """Wait until no work is queued or going (for the blocking twin's close)."""
+        session = self._session
+        if session is not None:
+            await session.wait_idle()
+
     async def _cancel(self, session: _Session) -> None:
         session.cancelled = True
         queue = session.queue
