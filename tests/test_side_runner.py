@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import signal
 import threading
 import time
 
@@ -404,6 +405,23 @@ async def test_cancelling_the_task_that_waits_on_exit() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert started == [0]
+
+
+async def test_a_signal_caught_by_a_worker_thread_wakes_the_sleeping_loop() -> None:
+    # The operating system may hand Ctrl-C to any thread; Python runs the
+    # handler in the main thread, which sleeps in the loop meanwhile.
+    handled = threading.Event()
+
+    def in_thread() -> bool:
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # caught here
+        return handled.wait(10)  # set only if the main thread woke to run the handler
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.set())
+    try:
+        async with SideRunner(1) as runner:
+            assert await runner.run_async(in_thread)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # -- yield_async ----------------------------------------------------------

@@ -42,6 +42,7 @@ import anyio.to_thread
 from .._core._callables import describe, is_async_callable
 from .._core._portal import running_loop_library
 from ..exceptions import RunnerClosedError, UnsupportedBackendError
+from . import _wakeup
 from ._prefetch import Prefetcher, _Channel, _stop, check_source, produce
 
 __all__ = ["SideRunner", "RunHandle"]
@@ -203,6 +204,7 @@ class _Session:
         "pending",
         "producers",
         "queue",
+        "wakeup",
         "workers",
     )
 
@@ -218,6 +220,7 @@ class _Session:
         # Our own limiter: anyio's default one is shared by the whole program.
         self.limiter = anyio.CapacityLimiter(pool_size)
         self.cancelled = False
+        self.wakeup = _wakeup.hold(loop)  # so that Ctrl-C reaches a sleeping loop
 
     def forget_worker(self, task: asyncio.Task[None]) -> None:
         self.workers.pop(task, None)
@@ -367,6 +370,8 @@ class SideRunner:
                 await self._cancel(session)
         finally:
             self._session = None
+            if session.wakeup:
+                _wakeup.release()
         failures = session.unreported_failures()
         if not failures:
             return
