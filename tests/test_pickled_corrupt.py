@@ -25,7 +25,7 @@ ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in ran
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.pkl"
-    write_file(path, ITEMS, {"note": "ctx"})
+    write_file(path, ITEMS, {"note": "ctx"}, version=1)
     return path
 
 

@@ -36,7 +36,15 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+    Sized,
+)
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
@@ -45,8 +53,13 @@ import anyio.to_thread
 
 from .._core._dataset import Dataset
 from .._core._keys import KeySequence
-from ._format import Encoder, header
+from ..exceptions import UnsupportedVersionError
+from ._format import HEADER_SIZE, MAGIC, Encoder, header
+from ._format2 import VERSION2, Encoder2, header2
+from ._index2 import Index2, MemoryIndex
 from ._reads import FileReader
+from ._reads2 import Reader2
+from ._safe_unpickler import allowed_names
 from ._writes import AtomicFile, FileObject, Sink
 
 __all__ = ["PickledDataset"]
@@ -110,16 +123,37 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"PickledDataset opens a file by its path (str or os.PathLike), got {path!r}"
             )
         allowed = tuple(allow)
-        self._options: dict[str, Any] = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed}
-        self._reader = FileReader(
-            os.fspath(path), use_mmap=bool(mmap), safe=bool(safe), allow=allowed
-        )
+        self._options: dict[str, Any] = {
+            "mmap": bool(mmap), "safe": bool(safe), "allow": allowed, "verify": verify,
+        }
+        path = os.fspath(path)
+        if safe:
+            allowed_names(allowed)  # refuse a bad allow list before touching the file
+        self._reader: FileReader
+        version = _format_of(path)
+        if version is not None and version > VERSION2:
+            raise UnsupportedVersionError(
+                f"{path} was written by a newer version of mlworkflow-async (file format "
+                f"{version}; this version reads formats up to {VERSION2}): upgrade the library",
+                path,
+            )
+        if version == VERSION2:
+            self._reader = Reader2(
+                path, use_mmap=bool(mmap), safe=bool(safe), allow=allowed, verify=verify
+            )
+            self._index: Index2 | MemoryIndex = self._reader.index
+        else:
+            if verify not in ("all", "copied"):
+                raise ValueError(f"verify must be 'all' or 'copied', got {verify!r}")
+            self._reader = FileReader(path, use_mmap=bool(mmap), safe=bool(safe), allow=allowed)
+            self._index = MemoryIndex(self._reader.layout)
 
     @classmethod
     async def open(
@@ -129,12 +163,13 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
     ) -> PickledDataset:
-        """Open ``path`` like the constructor, reading its index in a worker thread."""
+        """Open ``path`` like the constructor, in a worker thread."""
         allow = tuple(allow)
 
         def construct() -> PickledDataset:
-            return cls(path, mmap=mmap, safe=safe, allow=allow)
+            return cls(path, mmap=mmap, safe=safe, allow=allow, verify=verify)
 
         return await anyio.to_thread.run_sync(construct)
 
@@ -148,20 +183,25 @@ class PickledDataset(Dataset[Any, Any]):
     @property
     def context(self) -> dict[str, Any]:
         """The metadata stored with the items (the source dataset's ``context``)."""
-        return dict(self._reader.layout.context or {})
+        return dict(self._index.context or {})
 
     @property
     def format_version(self) -> int:
         """The file's format version; 0 for a file of the original ``mlworkflow``."""
-        return self._reader.layout.version
+        return int(self._index.version)
 
     @property
     def file_size(self) -> int:
         """The size of the file in bytes, when it was opened."""
         return self._reader.size
 
-    def yield_keys(self) -> tuple[Any, ...]:
-        return self._reader.layout.keys
+    def yield_keys(self) -> Sequence[Any]:
+        """The keys in file order; a format 2 file unpickles them only now."""
+        return self._index.keys()
+
+    def __len__(self) -> int:
+        # Known at open, without unpickling the keys.
+        return len(self._index)
 
     async def query_item(self, key: Any) -> Any:
         return (await self._reader.query((key,)))[0]
@@ -171,6 +211,29 @@ class PickledDataset(Dataset[Any, Any]):
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
         return await self._reader.query(keys)
+
+    async def query_batch(self, keys: Sequence[Any], collate: Callable[[list[Any]], Any]) -> Any:
+        """The batch of ``keys`` collated by ``collate``.
+
+        With the default collation, a batch of items that are each one
+        large array (64 KiB or more) of one shape and dtype is read straight
+        into place: one ``preadv`` per item into its row of the batch, in a
+        worker thread, each row checked; no copy is made on the loop.
+        """
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        reader = self._reader
+        if collate is _default_collate() and isinstance(reader, Reader2) and keys:
+            entries = reader.locate(keys)
+            size = reader.into_place_plan(entries)
+            if size is not None:
+                batch = await reader.query_batch_into_place(keys, entries, size)
+                if batch is not None:
+                    return batch
+        items = await self.query_items(keys)
+        if len(items) > 16:
+            return await anyio.to_thread.run_sync(collate, items)
+        return collate(items)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -210,7 +273,8 @@ class PickledDataset(Dataset[Any, Any]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(  # type: ignore[misc]
-            state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"]
+            state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"],
+            verify=state.get("verify", "all"),
         )
 
     def __repr__(self) -> str:
@@ -229,6 +293,7 @@ class PickledDataset(Dataset[Any, Any]):
         *,
         concurrency: int = 256,
         progress: bool = False,
+        format_version: int = VERSION2,
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
@@ -249,11 +314,16 @@ class PickledDataset(Dataset[Any, Any]):
         readers detect it).
 
         ``progress=True`` shows a progress bar if ``tqdm`` is installed.
+        ``format_version=1`` writes the previous format (no checksums, an
+        index built in memory at open) for readers older than format 2.
+
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if format_version not in (1, VERSION2):
+            raise ValueError(f"format_version must be 1 or 2, got {format_version!r}")
         dataset = _as_dataset(dataset)
         source: Iterable[Any] | AsyncIterable[Any] = dataset.keys if keys is None else keys
         context = getattr(dataset, "context", None)
@@ -271,14 +341,16 @@ class PickledDataset(Dataset[Any, Any]):
             else:
                 raise TypeError(f"create() writes to a path or a binary file object, got {path!r}")
             try:
-                sink.write([header()])
+                sink.write([header2() if format_version == VERSION2 else header()])
             except BaseException:
                 sink.discard()
                 raise
             return sink
 
         sink = await anyio.to_thread.run_sync(open_sink)
-        encoder = Encoder(sink.name)
+        encoder: Encoder | Encoder2 = (
+            Encoder2(sink.name) if format_version == VERSION2 else Encoder(sink.name)
+        )
         bar = _progress_bar(progress, _known_length(source), sink.name)
         committed = False
         try:
@@ -385,13 +457,36 @@ async def _fetch(
         await chunks.aclose()
 
 
-def _write_chunk(encoder: Encoder, sink: Sink, keys: list[Any], items: list[Any]) -> None:
+def _write_chunk(
+    encoder: Encoder | Encoder2, sink: Sink, keys: list[Any], items: list[Any]
+) -> None:
     sink.write(encoder.encode(keys, items))
 
 
-def _finish(encoder: Encoder, sink: Sink, context: Mapping[str, Any] | None) -> None:
-    sink.write([encoder.finish(context)])
+def _finish(encoder: Encoder | Encoder2, sink: Sink, context: Mapping[str, Any] | None) -> None:
+    if isinstance(encoder, Encoder2):
+        encoder.finish(context, sink.write)
+    else:
+        sink.write([encoder.finish(context)])
     sink.commit()
+
+
+def _format_of(path: str) -> int | None:
+    """The format version a file's header announces (None for other files)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_SIZE)
+    except IsADirectoryError:
+        return None
+    if not head.startswith(MAGIC) or len(head) < 12:
+        return None
+    return int.from_bytes(head[8:12], "little")
+
+
+def _default_collate() -> object:
+    from .._core import _collate
+
+    return getattr(_collate, "DEFAULT_COLLATE", None)
 
 
 def _progress_bar(enabled: bool, total: int | None, name: str) -> Any:
