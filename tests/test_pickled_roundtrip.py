@@ -21,6 +21,7 @@ from mlworkflow_async import (
     UnpicklableItemError,
     UnsupportedVersionError,
 )
+from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format import HEADER_SIZE, MAGIC, TRAILER_SIZE
 
 from ._pickled_util import Key, Point, assert_same, leftovers, small_items
@@ -334,6 +335,10 @@ async def test_newer_version_is_refused(tmp_path: Any) -> None:
     await PickledDataset.create(DictDataset({"a": 1}), path)
     data = bytearray(path.read_bytes())
     struct.pack_into("<I", data, 8, 3)
+    algorithm = struct.unpack_from("<I", data, 16)[0]
+    csum = checksum_function(algorithm)
+    assert csum is not None
+    struct.pack_into("<I", data, 60, csum(bytes(data[:60])))  # a sound header, from the future
     path.write_bytes(bytes(data))
     with pytest.raises(UnsupportedVersionError, match="written by a newer version") as info:
         PickledDataset(path)

@@ -86,6 +86,7 @@ __all__ = [
     "VERSION2",
     "Encoder2",
     "header2",
+    "header_intact",
     "key_bytes",
     "key_hash",
 ]
@@ -119,6 +120,17 @@ def header2(algorithm: int = DEFAULT) -> bytes:
     assert csum is not None
     head = HEADER2.pack(MAGIC, VERSION2, 0, algorithm, 0)[:_HEADER_SPAN]
     return head + struct.pack("<I", csum(head))
+
+
+def header_intact(path: str) -> bool:
+    """Whether the 64-byte header of ``path`` matches its checksum (any version from 2)."""
+    with open(path, "rb") as file:
+        head = file.read(HEADER2.size)
+    if len(head) < HEADER2.size:
+        return False
+    _, _, _, algorithm, crc = HEADER2.unpack(head)
+    csum = checksum_function(algorithm)
+    return csum is not None and csum(head[:_HEADER_SPAN]) == crc
 
 
 def capacity(count: int) -> int:

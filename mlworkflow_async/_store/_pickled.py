@@ -53,9 +53,9 @@ import anyio.to_thread
 
 from .._core._dataset import Dataset
 from .._core._keys import KeySequence
-from ..exceptions import UnsupportedVersionError
+from ..exceptions import CorruptFileError, UnsupportedVersionError
 from ._format import HEADER_SIZE, MAGIC, Encoder, header
-from ._format2 import VERSION2, Encoder2, header2
+from ._format2 import VERSION2, Encoder2, header2, header_intact
 from ._index2 import Index2, MemoryIndex
 from ._reads import FileReader
 from ._reads2 import Reader2
@@ -139,6 +139,11 @@ class PickledDataset(Dataset[Any, Any]):
         self._reader: FileReader
         version = _format_of(path)
         if version is not None and version > VERSION2:
+            if not header_intact(path):
+                raise CorruptFileError(
+                    f"{path} is not a readable PickledDataset file: its header is damaged "
+                    f"(checksum mismatch)", path
+                )
             raise UnsupportedVersionError(
                 f"{path} was written by a newer version of mlworkflow-async (file format "
                 f"{version}; this version reads formats up to {VERSION2}): upgrade the library",
