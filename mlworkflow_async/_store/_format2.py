@@ -63,10 +63,13 @@ from part 6 only when asked for.
 from __future__ import annotations
 
 import io
+import itertools
+import os
 import pickle
 import struct
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -229,58 +232,68 @@ class Encoder2:
         self.csum: Checksum = csum
         self.position = HEADER2.size
         self.count = 0
-        self._entries: list[bytes] = []
+        # Entries, key offsets and key bytes wait in anonymous temporary files
+        # (written through, read back once by finish); only the 4-byte key
+        # hashes stay in memory, for building the hash table.
+        # Closed by finish() or close(), or when the encoder is collected.
+        self._entries = tempfile.TemporaryFile()  # noqa: SIM115
+        self._key_ends = tempfile.TemporaryFile()  # noqa: SIM115
+        self._key_bytes = tempfile.TemporaryFile()  # noqa: SIM115
         self._hashes: list[bytes] = []
-        self._key_ends: list[bytes] = []
-        self._key_bytes: list[bytes] = []
         self._key_total = 0
         self._ext: list[int] = []
         self._rows: list[int] = []
 
     def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
-        """Pickle ``items``; return the buffers to write, in order."""
+        """Pickle ``items``; return the buffers to write, in order.
+
+        The loop does the least per item (pickling); checksums, offsets and
+        tags are computed afterwards, over the whole chunk.
+        """
         csum = self.csum
         blob = bytearray()
         oob: list[pickle.PickleBuffer] = []
         pickler = ItemPickler(_Target(blob), PROTOCOL, buffer_callback=oob.append)
-        large: list[tuple[int, memoryview]] = []
+        dump, clear_memo, dumps = pickler.dump, pickler.clear_memo, pickle.dumps
+        large: list[tuple[int, memoryview]] = []  # (where in blob, buffer)
         base = self.position
+        starts: list[int] = []  # where each item starts in blob
+        marks: list[int] = []  # how many large buffers come before each item
+        special: list[tuple[int, int]] = []  # (item, info) of items with buffers
+        extras: list[int] = []  # bytes of large buffers before each item
         extra = 0
-        offsets: list[int] = []
-        infos: list[int] = []
-        sums: list[int] = []
         key_parts: list[bytes] = []
-        hashes: list[int] = []
         for key, item in zip(keys, items, strict=True):
-            try:
-                kb = key_bytes(key)
-            except Exception as exc:
-                raise UnpicklableItemError(
-                    f"key {key!r} cannot be pickled into {self.path}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+            if type(key) is int:
+                kb = dumps(key, PROTOCOL)
+                if kb[2] == 0x95:
+                    kb = kb[:2] + kb[11:]
+            else:
+                try:
+                    kb = key_bytes(key)
+                except Exception as exc:
+                    raise UnpicklableItemError(
+                        f"key {key!r} cannot be pickled into {self.path}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
             key_parts.append(kb)
-            hashes.append((csum(kb) * _GOLDEN) & _MASK32)
             start = len(blob)
+            starts.append(start)
+            marks.append(len(large))
+            extras.append(extra)
             try:
-                pickler.dump(item)
+                dump(item)
             except Exception as exc:
                 raise UnpicklableItemError(
                     f"item {key!r} cannot be pickled into {self.path}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            pickler.clear_memo()
-            plen = len(blob) - start
-            offsets.append(base + extra + start)
-            with memoryview(blob) as view:
-                crc = csum(view[start:])
+            clear_memo()
             if not oob:
-                if plen > LOW:
-                    infos.append(self._extended(plen, ()))
-                else:
-                    infos.append(plen)
-                sums.append(crc)
+                if len(blob) - start > LOW:
+                    special.append((len(starts) - 1, self._extended(len(blob) - start, ())))
                 continue
+            plen = len(blob) - start
             first = base + extra + start
             rows: list[tuple[int, int]] = []
             for buffer in oob:
@@ -290,39 +303,49 @@ class Encoder2:
                 pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
                 if pad:
                     blob += _ZEROS[:pad]
-                    crc = csum(_ZEROS[:pad], crc)
                 rows.append((pos + pad - first, pos + pad - first + size))
-                crc = csum(raw, crc)
                 if size >= _COPY_LIMIT:
                     large.append((len(blob), raw))
                     extra += size
                 else:
                     blob += raw
             oob.clear()
-            sums.append(crc)
             if len(rows) == 1 and plen <= LOW:
-                size = rows[0][1] - rows[0][0]
-                tag = ONE_PAGE if size >= MAP_THRESHOLD else ONE_SMALL
-                infos.append(tag << TAG_SHIFT | plen)
+                tag = ONE_PAGE if rows[0][1] - rows[0][0] >= MAP_THRESHOLD else ONE_SMALL
+                special.append((len(starts) - 1, tag << TAG_SHIFT | plen))
             else:
-                infos.append(self._extended(plen, rows))
+                special.append((len(starts) - 1, self._extended(plen, rows)))
+        n = len(starts)
+        starts.append(len(blob))
+        marks.append(len(large))
+        extras.append(extra)
         self.position = base + extra + len(blob)
-        n = len(offsets)
+        view = memoryview(blob)
+        if not large:
+            sums = [csum(view[a:b]) for a, b in itertools.pairwise(starts)]
+        else:
+            sums = [self._span_sum(view, large, starts, marks, i) for i in range(n)]
+        bounds = np.asarray(starts, dtype=np.int64)
         table = np.empty(n, dtype=[("offset", "<u8"), ("info", "<u4"), ("crc", "<u4")])
-        table["offset"] = offsets
-        table["info"] = infos
+        table["offset"] = bounds[:-1] + base + np.asarray(extras[:-1], dtype=np.int64)
+        # Tag 0 (no buffers): the info is the pickle's length, the whole span.
+        table["info"] = np.diff(bounds) & LOW
+        if special:
+            where, infos = zip(*special, strict=True)
+            table["info"][list(where)] = infos
         table["crc"] = sums
-        self._entries.append(table.tobytes())
-        self._hashes.append(np.asarray(hashes, dtype="<u4").tobytes())
+        self._entries.write(table.tobytes())
+        key_sums = np.fromiter(map(csum, key_parts), dtype=np.uint64, count=n)
+        self._hashes.append(((key_sums * np.uint64(_GOLDEN)) & np.uint64(_MASK32)).astype("<u4")
+                            .tobytes())
         lengths = np.fromiter(map(len, key_parts), dtype="<u8", count=n)
         ends = np.cumsum(lengths, dtype="<u8") + np.uint64(self._key_total)
         self._key_total += int(lengths.sum())
-        self._key_ends.append(ends.tobytes())
-        self._key_bytes.append(b"".join(key_parts))
+        self._key_ends.write(ends.tobytes())
+        self._key_bytes.write(b"".join(key_parts))
         self.count += n
         if not large:
             return [blob]
-        view = memoryview(blob)
         parts: list[Any] = []
         done = 0
         for at, raw in large:
@@ -330,6 +353,48 @@ class Encoder2:
             done = at
         parts.append(view[done:])
         return parts
+
+    def _span_sum(
+        self,
+        view: memoryview,
+        large: list[tuple[int, memoryview]],
+        starts: list[int],
+        marks: list[int],
+        item: int,
+    ) -> int:
+        """The checksum of an item's span: its bytes in the chunk, with its large buffers."""
+        csum = self.csum
+        value = 0
+        done = starts[item]
+        for at, raw in large[marks[item]:marks[item + 1]]:
+            value = csum(raw, csum(view[done:at], value))
+            done = at
+        return csum(view[done:starts[item + 1]], value)
+
+    def close(self) -> None:
+        """Let go of the temporary files."""
+        for file in (self._entries, self._key_ends, self._key_bytes):
+            file.close()
+
+    def _key_at(self, number: int) -> bytes:
+        a, b = struct.unpack("<QQ", os.pread(self._key_ends.fileno(), 16, 8 * number - 8)) if (
+            number
+        ) else (0, *struct.unpack("<Q", os.pread(self._key_ends.fileno(), 8, 0)))
+        return os.pread(self._key_bytes.fileno(), b - a, a)
+
+    def _refuse_duplicates(self, order: Any, ordered: Any) -> None:
+        """Raise ``ValueError`` if two keys have the same bytes (their hashes are equal too)."""
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        for at in same.tolist():  # equal hashes: the same key twice, or a collision
+            pickled = self._key_at(int(order[at + 1]))
+            run = at
+            while run >= 0 and ordered[run] == ordered[at + 1]:
+                if self._key_at(int(order[run])) == pickled:
+                    raise ValueError(
+                        f"key {pickle.loads(pickled)!r} appears twice: the keys of a "
+                        f"PickledDataset are unique"
+                    )
+                run -= 1
 
     def _extended(self, plen: int, rows: Sequence[tuple[int, int]]) -> int:
         index = len(self._ext) // 3
@@ -364,57 +429,66 @@ class Encoder2:
                 hasher.feed(part)
             write(parts)
 
-        emit(self._entries)
-        self._entries = []
-        ends = np.concatenate(
-            [np.zeros(1, "<u8")] + [np.frombuffer(b, "<u8") for b in self._key_ends]
-        )
-        self._key_ends = []
-        emit([ends.astype(dtype).tobytes()])
-        keys_blob = b"".join(self._key_bytes)
-        self._key_bytes = []
-        hashes = np.frombuffer(b"".join(self._hashes), "<u4")
+        def stream(file: IO[bytes], dtype: str | None = None) -> None:
+            file.flush()
+            file.seek(0)
+            while piece := file.read(1 << 20):
+                emit([piece if dtype is None else np.frombuffer(piece, "<u8").astype(dtype)])
+
+        for file in (self._entries, self._key_ends, self._key_bytes):
+            file.flush()
+        stream(self._entries)
+        emit([np.zeros(1, dtype)])
+        stream(self._key_ends, dtype)
+        hashes = _drain(self._hashes, "<u4")
         self._hashes = []
-        table = self._table(hashes, ends, keys_blob, dtype)
-        del hashes, ends
-        emit([table.tobytes()])
+        if n:
+            order = np.argsort(hashes, kind="stable")
+            ordered = hashes[order]
+            del hashes
+            self._refuse_duplicates(order, ordered)
+            # Linear probing, built at once: in home order, each key takes the
+            # first free slot at or after its home (in place: few temporaries).
+            slots = ordered.astype(np.uint64)
+            del ordered
+            slots *= np.uint64(capacity(n))
+            slots >>= np.uint64(32)
+            homes = slots.view(np.int64)
+            homes -= np.arange(n, dtype=np.int64)
+            np.maximum.accumulate(homes, out=homes)
+            homes += np.arange(n, dtype=np.int64)
+            table = np.zeros(int(homes[-1]) + 1, dtype)
+            order += 1
+            table[homes] = order
+            del order, homes, slots
+        else:
+            table = np.zeros(1, dtype)
+        emit([table])
         table_length = len(table)
         del table
         emit([np.asarray(self._ext, "<u8").tobytes(), np.asarray(self._rows, "<u8").tobytes()])
-        emit([keys_blob, context_blob])
+        stream(self._key_bytes)
+        emit([context_blob])
+        self.close()
         blocks = hasher.finish()
         write([blocks])
         footer = FOOTER.pack(
             self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
-            len(keys_blob), len(context_blob), csum(blocks), width, BLOCK, 0, END_MAGIC,
+            self._key_total, len(context_blob), csum(blocks), width, BLOCK, 0, END_MAGIC,
         )
         head = footer[:_FOOTER_SPAN]
         write([head + struct.pack("<I", csum(head)) + END_MAGIC])
 
-    def _table(self, hashes: Any, ends: Any, keys_blob: bytes, dtype: str) -> Any:
-        n = len(hashes)
-        if n == 0:
-            return np.zeros(1, dtype)
-        order = np.argsort(hashes, kind="stable")
-        ordered = hashes[order]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1])
-        for at in same.tolist():  # equal hashes: the same key twice, or a collision
-            later = int(order[at + 1])
-            pickled = keys_blob[int(ends[later]):int(ends[later + 1])]
-            run = at
-            while run >= 0 and ordered[run] == ordered[at + 1]:
-                k = int(order[run])
-                if keys_blob[int(ends[k]):int(ends[k + 1])] == pickled:
-                    raise ValueError(
-                        f"key {pickle.loads(pickled)!r} appears twice: the keys of a "
-                        f"PickledDataset are unique"
-                    )
-                run -= 1
-        homes = (ordered.astype(np.uint64) * np.uint64(capacity(n))) >> np.uint64(32)
-        del ordered
-        steps = np.arange(n, dtype=np.int64)
-        slots = np.maximum.accumulate(homes.astype(np.int64) - steps) + steps
-        del homes, steps
-        table = np.zeros(int(slots[-1]) + 1, dtype)
-        table[slots] = order + 1
-        return table
+
+def _drain(chunks: list[bytes], dtype: str) -> Any:
+    """The chunks joined into one array, each chunk let go as soon as it is copied."""
+    size = sum(map(len, chunks)) // np.dtype(dtype).itemsize
+    out = np.empty(size, dtype)
+    at = 0
+    chunks.reverse()
+    while chunks:
+        piece = np.frombuffer(chunks.pop(), dtype)
+        out[at:at + len(piece)] = piece
+        at += len(piece)
+    return out
+
