@@ -108,7 +108,7 @@ def test_a_large_index_is_mapped_and_checked_block_by_block(big: Path) -> None:
         assert isinstance(index, Index2)
         assert index.footer.blocks > EAGER_BYTES
         assert isinstance(index._region, memoryview)
-        assert isinstance(index._region.obj, __import__("mmap").mmap)
+        assert isinstance(index._buffer, __import__("mmap").mmap)
         assert sum(index._verified) == 0  # nothing per key, nothing per block at open
         ds.sync.query_item(Counted(777))
         # The slots probed, their entries and key bytes: a handful, whatever the size.

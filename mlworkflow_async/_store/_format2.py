@@ -37,15 +37,18 @@ Index region, from the end of the last item, parts back to back
        first slot from there whose entry has the same key bytes (linear
        probing, no wrap-around: the table runs past ``capacity`` as far as
        probing needs). An empty slot or the table's end means absent.
-    4. extended rows, 24 bytes each: pickle length (u64), first buffer row
+    4. fingerprints, ``table_length`` bytes: the low 8 bits of the hash of
+       the key in each slot (0 in empty slots), so that a probe of another
+       key's slot is mostly refused without reading that key.
+    5. extended rows, 24 bytes each: pickle length (u64), first buffer row
        (u64), buffer count (u64).
-    5. buffer rows, 16 bytes each: start and stop (u64) of an out-of-band
+    6. buffer rows, 16 bytes each: start and stop (u64) of an out-of-band
        buffer, relative to its item's offset.
-    6. key bytes: each key pickled with protocol 5 and without memo
+    7. key bytes: each key pickled with protocol 5 and without memo
        (:func:`key_bytes`), one after the other, in file order.
-    7. context: a pickle of the dataset's metadata dict (or of ``None``).
-    8. block checksums: the checksum (u32) of every 4096-byte block of
-       parts 1 to 7 (the last block may be shorter), so that a reader
+    8. context: a pickle of the dataset's metadata dict (or of ``None``).
+    9. block checksums: the checksum (u32) of every 4096-byte block of
+       parts 1 to 8 (the last block may be shorter), so that a reader
        checks only the blocks it touches.
 
 Footer, the last 80 bytes
@@ -449,6 +452,7 @@ class Encoder2:
             self._refuse_duplicates(order, ordered)
             # Linear probing, built at once: in home order, each key takes the
             # first free slot at or after its home (in place: few temporaries).
+            prints = (ordered & 0xFF).astype(np.uint8)
             slots = ordered.astype(np.uint64)
             del ordered
             slots *= np.uint64(capacity(n))
@@ -460,12 +464,15 @@ class Encoder2:
             table = np.zeros(int(homes[-1]) + 1, dtype)
             order += 1
             table[homes] = order
-            del order, homes, slots
+            fingerprints = np.zeros(len(table), np.uint8)
+            fingerprints[homes] = prints
+            del order, homes, slots, prints
         else:
             table = np.zeros(1, dtype)
-        emit([table])
+            fingerprints = np.zeros(1, np.uint8)
+        emit([table, fingerprints])
         table_length = len(table)
-        del table
+        del table, fingerprints
         emit([np.asarray(self._ext, "<u8").tobytes(), np.asarray(self._rows, "<u8").tobytes()])
         stream(self._key_bytes)
         emit([context_blob])

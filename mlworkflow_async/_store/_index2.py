@@ -75,6 +75,7 @@ class Footer(NamedTuple):
     block: int
     key_offsets: int
     table: int
+    prints: int
     ext: int
     rows: int
     keys: int
@@ -116,7 +117,8 @@ def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
         raise corrupt(name, f"its footer is malformed (width {width}, block {block})")
     key_offsets = 16 * count
     table = key_offsets + (count + 1) * width
-    ext = table + table_length * width
+    prints = table + table_length * width
+    ext = prints + table_length
     rows = ext + 24 * ext_count
     keys = rows + 16 * row_count
     context = keys + keys_length
@@ -134,7 +136,7 @@ def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
         )
     return Footer(
         algorithm, csum, index_offset, count, table_length, ext_count, row_count,
-        keys_length, context_length, blocks_crc, width, block, key_offsets, table, ext,
+        keys_length, context_length, blocks_crc, width, block, key_offsets, table, prints, ext,
         rows, keys, context, blocks, block_count, region_length,
     )
 
@@ -142,22 +144,40 @@ def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
 class Index2:
     """The index of a format 2 file, read in place from its region.
 
-    ``region`` is any buffer holding the bytes of the index region.
+    ``region`` is any buffer holding the bytes of the index region from
+    offset ``base`` (a map of the file's tail, whose start must be aligned;
+    slicing an ``mmap`` or ``bytes`` gives ``bytes``, quick to compare).
     """
 
     version = VERSION2
 
     def __init__(
-        self, name: str, footer: Footer, region: Any, loads: Callable[..., Any]
+        self,
+        name: str,
+        footer: Footer,
+        region: Any,
+        loads: Callable[..., Any],
+        base: int = 0,
     ) -> None:
         self.name = name
         self.footer = footer
         self.csum = footer.csum
         self.item_count = footer.item_count
         self.data_end = footer.index_offset
-        self._region = region
+        self._buffer = region
+        self._region = memoryview(region)[base:base + footer.region_length]
         self._loads = loads
         f = footer
+        region = self._region
+        # Absolute places in the buffer and plain ints, for the lookup paths.
+        self._entries_at = base
+        self._offsets_at = base + f.key_offsets
+        self._table_at = base + f.table
+        self._prints_at = base + f.prints
+        self._keys_at = base + f.keys
+        self._table_length = f.table_length
+        self._width = f.width
+        self._keys_length = f.keys_length
         sums = region[f.blocks:f.blocks + 4 * f.block_count]
         if self.csum(sums) != f.blocks_crc:
             raise corrupt(name, "its index is damaged (block checksums mismatch)")
@@ -178,11 +198,11 @@ class Index2:
 
     # -- checks ---------------------------------------------------------------
 
-    def check(self, start: int, stop: int) -> None:
-        """Check the blocks holding bytes ``[start, stop)`` of the region, once each."""
+    def check(self, start: int, length: int) -> None:
+        """Check the blocks holding ``length`` bytes from ``start`` of the region, once each."""
         block = self.footer.block
         verified = self._verified
-        for number in range(start // block, (max(stop, start + 1) - 1) // block + 1):
+        for number in range(start // block, (start + max(length, 1) - 1) // block + 1):
             if number < len(verified) and not verified[number]:
                 begin = number * block
                 piece = self._region[begin:min(begin + block, self.footer.blocks)]
@@ -213,54 +233,71 @@ class Index2:
 
     def find(self, pickled: bytes, key: Any) -> int:
         """The entry number of the key pickled as ``pickled``."""
-        f, region = self.footer, self._region
-        lazy = self._lazy
-        width = f.width
-        slot = (((self.csum(pickled) * _GOLDEN) & _MASK32) * self._capacity) >> 32
+        buffer, lazy, width = self._buffer, self._lazy, self._width
+        count, keys_at, keys_length = self.item_count, self._keys_at, self._keys_length
+        table_at, offsets_at, prints_at = self._table_at, self._offsets_at, self._prints_at
+        hashed = (self.csum(pickled) * _GOLDEN) & _MASK32
+        slot = (hashed * self._capacity) >> 32
+        fingerprint = hashed & 0xFF
         unpack_slot, unpack_pair = self._slot.unpack_from, self._pair.unpack_from
-        while slot < f.table_length:
-            at = f.table + slot * width
+        size = len(pickled)
+        while slot < self._table_length:
             if lazy:
-                self.check(at, at + width)
-            number = unpack_slot(region, at)[0]
+                self.check(prints_at - self._entries_at + slot, 1)
+            seen = buffer[prints_at + slot]
+            if seen != fingerprint:  # another key's slot, or an empty one (printed 0)
+                if not seen and self._empty(slot):
+                    break
+                slot += 1
+                continue
+            if lazy:
+                self.check(table_at - self._entries_at + slot * width, width)
+            number = unpack_slot(buffer, table_at + slot * width)[0]
             if not number:
                 break
             number -= 1
-            if number >= f.item_count:
+            if number >= count:
                 raise corrupt(self.name, "its hash table names an entry past the end")
-            at = f.key_offsets + number * width
             if lazy:
-                self.check(at, at + 2 * width)
-            a, b = unpack_pair(region, at)
-            if b - a == len(pickled):
-                if not a <= b <= f.keys_length:
+                self.check(offsets_at - self._entries_at + number * width, 2 * width)
+            a, b = unpack_pair(buffer, offsets_at + number * width)
+            if b - a == size:
+                if not a <= b <= keys_length:
                     raise corrupt(self.name, "its index places a key outside its key bytes")
                 if lazy:
-                    self.check(f.keys + a, f.keys + b)
-                if region[f.keys + a:f.keys + b] == pickled:
+                    self.check(keys_at - self._entries_at + a, size)
+                if buffer[keys_at + a:keys_at + b] == pickled:
                     return int(number)
             slot += 1
         raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}")
 
+    def _empty(self, slot: int) -> bool:
+        at = self._table_at + slot * self._width
+        if self._lazy:
+            self.check(at - self._entries_at, self._width)
+        return not self._slot.unpack_from(self._buffer, at)[0]
+
     def entry(self, number: int) -> Entry2:
         """The entry of the item stored ``number``-th."""
-        region = self._region
         at = 16 * number
         if self._lazy:
-            self.check(at, at + 32)
+            self.check(at, 24)
         if number + 1 < self.item_count:
-            offset, info, crc, end = _ENTRY_AND_NEXT.unpack_from(region, at)
+            offset, info, crc, end = _ENTRY_AND_NEXT.unpack_from(
+                self._buffer, self._entries_at + at
+            )
         else:
-            offset, info, crc = ENTRY.unpack_from(region, at)
+            offset, info, crc = ENTRY.unpack_from(self._buffer, self._entries_at + at)
             end = self.data_end
         span = end - offset
         if offset < HEADER2.size or span < 0 or end > self.data_end:
             raise self._misplaced(number)
-        tag, low = info >> TAG_SHIFT, info & LOW
+        tag = info >> TAG_SHIFT
         if tag == 0:
-            if low != span:
+            if info != span:
                 raise self._misplaced(number)
             return offset, span, span, None, crc
+        low = info & LOW
         if tag < 3:
             align = ALIGN if tag == 1 else PAGE
             start = offset + low
@@ -276,7 +313,7 @@ class Index2:
             raise self._misplaced(number)
         at = f.ext + 24 * row
         if self._lazy:
-            self.check(at, at + 24)
+            self.check(at, 24)
         plen, first, count = EXT.unpack_from(region, at)
         if plen > span or first + count > f.row_count:
             raise self._misplaced(number)
@@ -286,7 +323,7 @@ class Index2:
             return offset, span, plen, None, crc
         at = f.rows + 16 * first
         if self._lazy:
-            self.check(at, at + 16 * count)
+            self.check(at, 16 * count)
         buffers = []
         done = plen
         for index in range(count):
@@ -309,12 +346,12 @@ class Index2:
         f = self.footer
         at = f.key_offsets + number * f.width
         if self._lazy:
-            self.check(at, at + 2 * f.width)
+            self.check(at, 2 * f.width)
         a, b = self._pair.unpack_from(self._region, at)
         if not a <= b <= f.keys_length:
             raise corrupt(self.name, "its index places a key outside its key bytes")
         if self._lazy:
-            self.check(f.keys + a, f.keys + b)
+            self.check(f.keys + a, b - a)
         try:
             return self._loads(self._region[f.keys + a:f.keys + b])
         except Exception as exc:
@@ -323,7 +360,7 @@ class Index2:
     def keys(self) -> list[Any]:
         """Every key, in file order, unpickled now."""
         f = self.footer
-        self.check(f.key_offsets, f.keys + f.keys_length)
+        self.check(f.key_offsets, f.keys + f.keys_length - f.key_offsets)
         ends = np.frombuffer(
             self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"
         )
@@ -343,7 +380,7 @@ class Index2:
     def context(self) -> dict[str, Any] | None:
         if not self._context_loaded:
             f = self.footer
-            self.check(f.context, f.blocks)
+            self.check(f.context, f.blocks - f.context)
             try:
                 context = self._loads(self._region[f.context:f.blocks])
             except Exception as exc:

@@ -133,8 +133,9 @@ class Reader2(_reads.FileReader):
             base = footer.index_offset - footer.index_offset % mmap.ALLOCATIONGRANULARITY
             length = footer.index_offset + footer.region_length - base
             self._index_map = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
-            region = memoryview(self._index_map)[footer.index_offset - base:]
-            self.index = Index2(path, footer, region, self._loads)
+            self.index = Index2(
+                path, footer, self._index_map, self._loads, footer.index_offset - base
+            )
             self._handle = _reads._Handle(fd, use_mmap)
         except BaseException:
             os.close(fd)
