@@ -218,6 +218,19 @@ class _BlockHasher:
         return np.asarray(self.sums, dtype="<u4").tobytes()
 
 
+class _Chunk:
+    """What encoding a chunk gathers besides its bytes: the rarer cases, item by item."""
+
+    __slots__ = ("extra", "jumps", "large", "marks", "special")
+
+    def __init__(self) -> None:
+        self.large: list[tuple[int, memoryview]] = []  # (where in blob, buffer)
+        self.extra = 0  # bytes of the large buffers so far
+        self.jumps: list[tuple[int, int]] = []  # (first item after, bytes) of large buffers
+        self.marks: dict[int, tuple[int, int]] = {}  # item: its range in ``large``
+        self.special: list[tuple[int, int]] = []  # (item, info) of items with buffers
+
+
 class Encoder2:
     """Turns ``(keys, items)`` chunks into the bytes to append, then writes the index.
 
@@ -239,9 +252,9 @@ class Encoder2:
         # (written through, read back once by finish); only the 4-byte key
         # hashes stay in memory, for building the hash table.
         # Closed by finish() or close(), or when the encoder is collected.
-        self._entries = tempfile.TemporaryFile()  # noqa: SIM115
-        self._key_ends = tempfile.TemporaryFile()  # noqa: SIM115
-        self._key_bytes = tempfile.TemporaryFile()  # noqa: SIM115
+        self._entries = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._key_ends = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._key_bytes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._hashes: list[bytes] = []
         self._key_total = 0
         self._ext: list[int] = []
@@ -250,91 +263,58 @@ class Encoder2:
     def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
         """Pickle ``items``; return the buffers to write, in order.
 
-        The loop does the least per item (pickling); checksums, offsets and
-        tags are computed afterwards, over the whole chunk.
+        The loop over items does the least it can (pickling); checksums,
+        offsets and tags are computed afterwards, over the whole chunk.
         """
         csum = self.csum
+        if len(keys) != len(items):
+            raise ValueError(f"{len(keys)} keys for {len(items)} items")
+        key_parts = self._key_parts(keys)
         blob = bytearray()
         oob: list[pickle.PickleBuffer] = []
         pickler = ItemPickler(_Target(blob), PROTOCOL, buffer_callback=oob.append)
-        dump, clear_memo, dumps = pickler.dump, pickler.clear_memo, pickle.dumps
-        large: list[tuple[int, memoryview]] = []  # (where in blob, buffer)
-        base = self.position
+        dump, clear_memo = pickler.dump, pickler.clear_memo
+        chunk = _Chunk()
         starts: list[int] = []  # where each item starts in blob
-        marks: list[int] = []  # how many large buffers come before each item
-        special: list[tuple[int, int]] = []  # (item, info) of items with buffers
-        extras: list[int] = []  # bytes of large buffers before each item
-        extra = 0
-        key_parts: list[bytes] = []
-        for key, item in zip(keys, items, strict=True):
-            if type(key) is int:
-                kb = dumps(key, PROTOCOL)
-                if kb[2] == 0x95:
-                    kb = kb[:2] + kb[11:]
-            else:
-                try:
-                    kb = key_bytes(key)
-                except Exception as exc:
-                    raise UnpicklableItemError(
-                        f"key {key!r} cannot be pickled into {self.path}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-            key_parts.append(kb)
+        append = starts.append
+        for index, item in enumerate(items):
             start = len(blob)
-            starts.append(start)
-            marks.append(len(large))
-            extras.append(extra)
+            append(start)
             try:
                 dump(item)
             except Exception as exc:
                 raise UnpicklableItemError(
-                    f"item {key!r} cannot be pickled into {self.path}: "
+                    f"item {keys[index]!r} cannot be pickled into {self.path}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             clear_memo()
-            if not oob:
-                if len(blob) - start > LOW:
-                    special.append((len(starts) - 1, self._extended(len(blob) - start, ())))
-                continue
-            plen = len(blob) - start
-            first = base + extra + start
-            rows: list[tuple[int, int]] = []
-            for buffer in oob:
-                raw = buffer.raw()
-                size = raw.nbytes
-                pos = base + extra + len(blob)
-                pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
-                if pad:
-                    blob += _ZEROS[:pad]
-                rows.append((pos + pad - first, pos + pad - first + size))
-                if size >= _COPY_LIMIT:
-                    large.append((len(blob), raw))
-                    extra += size
-                else:
-                    blob += raw
-            oob.clear()
-            if len(rows) == 1 and plen <= LOW:
-                tag = ONE_PAGE if rows[0][1] - rows[0][0] >= MAP_THRESHOLD else ONE_SMALL
-                special.append((len(starts) - 1, tag << TAG_SHIFT | plen))
-            else:
-                special.append((len(starts) - 1, self._extended(plen, rows)))
+            if oob:
+                self._buffers(chunk, index, start, blob, oob)
+                oob.clear()
+            elif len(blob) - start > LOW:
+                chunk.special.append((index, self._extended(len(blob) - start, ())))
         n = len(starts)
         starts.append(len(blob))
-        marks.append(len(large))
-        extras.append(extra)
-        self.position = base + extra + len(blob)
+        base = self.position
+        large = chunk.large
+        self.position = base + chunk.extra + len(blob)
         view = memoryview(blob)
         if not large:
             sums = [csum(view[a:b]) for a, b in itertools.pairwise(starts)]
         else:
-            sums = [self._span_sum(view, large, starts, marks, i) for i in range(n)]
+            sums = [
+                self._span_sum(view, large, starts, chunk.marks.get(i), i) for i in range(n)
+            ]
         bounds = np.asarray(starts, dtype=np.int64)
         table = np.empty(n, dtype=[("offset", "<u8"), ("info", "<u4"), ("crc", "<u4")])
-        table["offset"] = bounds[:-1] + base + np.asarray(extras[:-1], dtype=np.int64)
+        offsets = bounds[:-1] + base
+        for after, extra in chunk.jumps:  # large buffers, outside blob, push what follows
+            offsets[after:] += extra
+        table["offset"] = offsets
         # Tag 0 (no buffers): the info is the pickle's length, the whole span.
         table["info"] = np.diff(bounds) & LOW
-        if special:
-            where, infos = zip(*special, strict=True)
+        if chunk.special:
+            where, infos = zip(*chunk.special, strict=True)
             table["info"][list(where)] = infos
         table["crc"] = sums
         self._entries.write(table.tobytes())
@@ -362,17 +342,73 @@ class Encoder2:
         view: memoryview,
         large: list[tuple[int, memoryview]],
         starts: list[int],
-        marks: list[int],
+        marks: tuple[int, int] | None,
         item: int,
     ) -> int:
         """The checksum of an item's span: its bytes in the chunk, with its large buffers."""
         csum = self.csum
+        if marks is None:
+            return csum(view[starts[item]:starts[item + 1]])
         value = 0
         done = starts[item]
-        for at, raw in large[marks[item]:marks[item + 1]]:
+        for at, raw in large[marks[0]:marks[1]]:
             value = csum(raw, csum(view[done:at], value))
             done = at
         return csum(view[done:starts[item + 1]], value)
+
+    def _key_parts(self, keys: Sequence[Any]) -> list[bytes]:
+        """The pickled bytes of ``keys`` (see :func:`key_bytes`)."""
+        if set(map(type, keys)) <= {int}:  # the common case, kept to C-level loops
+            raw = [pickle.dumps(key, PROTOCOL) for key in keys]
+            return [data if data[2] != 0x95 else data[:2] + data[11:] for data in raw]
+        parts = []
+        for key in keys:
+            try:
+                parts.append(key_bytes(key))
+            except Exception as exc:
+                raise UnpicklableItemError(
+                    f"key {key!r} cannot be pickled into {self.path}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return parts
+
+    def _buffers(
+        self,
+        chunk: _Chunk,
+        index: int,
+        start: int,
+        blob: bytearray,
+        oob: list[pickle.PickleBuffer],
+    ) -> None:
+        """Lay out the out-of-band buffers of item ``index`` after its pickle."""
+        plen = len(blob) - start
+        base = self.position + chunk.extra
+        first = base + start
+        rows: list[tuple[int, int]] = []
+        before = len(chunk.large)
+        extra = 0
+        for buffer in oob:
+            raw = buffer.raw()
+            size = raw.nbytes
+            pos = base + extra + len(blob)
+            pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
+            if pad:
+                blob += _ZEROS[:pad]
+            rows.append((pos + pad - first, pos + pad - first + size))
+            if size >= _COPY_LIMIT:
+                chunk.large.append((len(blob), raw))
+                extra += size
+            else:
+                blob += raw
+        if extra:
+            chunk.extra += extra
+            chunk.jumps.append((index + 1, extra))
+            chunk.marks[index] = (before, len(chunk.large))
+        if len(rows) == 1 and plen <= LOW:
+            tag = ONE_PAGE if rows[0][1] - rows[0][0] >= MAP_THRESHOLD else ONE_SMALL
+            chunk.special.append((index, tag << TAG_SHIFT | plen))
+        else:
+            chunk.special.append((index, self._extended(plen, rows)))
 
     def close(self) -> None:
         """Let go of the temporary files."""

@@ -88,7 +88,10 @@ class Footer(NamedTuple):
 def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
     """Check the header and footer of a format 2 file of ``size`` bytes."""
     if size < HEADER2.size + FOOTER_SIZE or len(head) < HEADER2.size or len(foot) < FOOTER_SIZE:
-        raise corrupt(name, "it is truncated (the writer may have been interrupted)")
+        raise corrupt(
+            name, "its end-of-file marker is missing: it is truncated, or its writer was "
+            "interrupted"
+        )
     magic, version, _flags, algorithm, head_crc = HEADER2.unpack_from(head)
     if magic != MAGIC or version != VERSION2:
         raise corrupt(name, "its header is not that of format 2")

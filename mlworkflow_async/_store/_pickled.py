@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -66,6 +68,8 @@ __all__ = ["PickledDataset"]
 
 #: Keys fetched per ``query_items`` call while writing.
 _CHUNK = 256
+#: Encoded chunks are written once they add up to this much (or hold a large array).
+_FLUSH_BYTES = 64 << 10
 
 
 class PickledDataset(Dataset[Any, Any]):
@@ -358,17 +362,20 @@ class PickledDataset(Dataset[Any, Any]):
         )
         bar = _progress_bar(progress, _known_length(source), sink.name)
         committed = False
+        writer = _Writer(encoder, sink)
         try:
             async with contextlib.aclosing(_fetch(dataset, source, chunk, ahead)) as fetched:
                 async for chunk_keys, items in fetched:
-                    await anyio.to_thread.run_sync(_write_chunk, encoder, sink, chunk_keys, items)
+                    await writer.put(chunk_keys, items)
                     if bar is not None:
                         bar.update(len(chunk_keys))
+            await writer.close()
             await anyio.to_thread.run_sync(_finish, encoder, sink, context)
             committed = True
         finally:
             if not committed:
                 with anyio.CancelScope(shield=True):
+                    await writer.close(check=False)
                     await anyio.to_thread.run_sync(sink.discard)
             if bar is not None:
                 bar.close()
@@ -462,10 +469,87 @@ async def _fetch(
         await chunks.aclose()
 
 
-def _write_chunk(
-    encoder: Encoder | Encoder2, sink: Sink, keys: list[Any], items: list[Any]
-) -> None:
-    sink.write(encoder.encode(keys, items))
+class _Writer:
+    """One worker thread encoding and writing chunks in order, fed through a queue.
+
+    A thread hop per chunk costs more than encoding a chunk of small items;
+    so does waking the loop per chunk written (the woken loop takes the GIL,
+    and the writer waits up to a switch interval to get it back). This
+    thread stays on the job while chunks keep coming; the loop waits only
+    when ``depth`` chunks are queued, and is woken once half are written.
+    """
+
+    def __init__(self, encoder: Encoder | Encoder2, sink: Sink, depth: int = 4) -> None:
+        self._encoder, self._sink = encoder, sink
+        self._jobs: queue.SimpleQueue[tuple[list[Any], list[Any]] | None] = queue.SimpleQueue()
+        self._loop = asyncio.get_running_loop()
+        self._depth = depth
+        self._lock = threading.Lock()
+        self._submitted = 0
+        self._written = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="PickledDataset.create", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _run(self) -> None:
+        pending: list[Any] = []  # small chunks' bytes, written together: fewer system calls
+        size = 0
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is not None and self._error is None:
+                    parts = self._encoder.encode(*job)
+                    pending += parts
+                    size += sum(map(len, parts))
+                if pending and (job is None or size >= _FLUSH_BYTES or len(parts) > 1):
+                    self._sink.write(pending)
+                    pending, size = [], 0
+            except BaseException as exc:
+                self._error = exc
+            if job is None:
+                return
+            with self._lock:
+                self._written += 1
+                waiter = self._waiter
+                if waiter is not None and (
+                    self._error is not None
+                    or self._submitted - self._written <= self._depth // 2
+                ):
+                    self._waiter = None
+                else:
+                    waiter = None
+            if waiter is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    self._loop.call_soon_threadsafe(_settle, waiter)
+
+    async def put(self, keys: list[Any], items: list[Any]) -> None:
+        with self._lock:
+            waiter = None
+            if self._submitted - self._written >= self._depth and self._error is None:
+                waiter = self._waiter = self._loop.create_future()
+        if waiter is not None:
+            await waiter
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            self._submitted += 1
+        self._jobs.put((keys, items))
+
+    async def close(self, check: bool = True) -> None:
+        """Wait until every queued chunk is written; raise what writing raised."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+            await anyio.to_thread.run_sync(self._thread.join)
+        if check and self._error is not None:
+            raise self._error
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _finish(encoder: Encoder | Encoder2, sink: Sink, context: Mapping[str, Any] | None) -> None:
