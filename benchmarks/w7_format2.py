@@ -271,7 +271,7 @@ async def _our_batches(path: str, keys: list[int], into_place: bool) -> tuple[fl
         lag.worst = 0.0
         with Timer() as t:
             if into_place:
-                collate = getattr(_collate, "DEFAULT_COLLATE", None)
+                collate = _collate.DEFAULT_COLLATE
                 reader = ds._reader
                 assert isinstance(reader, Reader2)
 

@@ -51,7 +51,7 @@ async def read(path: str, mode: str, expected: dict[Any, Any]) -> bool:
         good = list(await ds.keys.all()) == keys and len(ds) == len(keys)
         good &= ds.context == {"fuzz": True}
         if mode == "batch":
-            collate = getattr(_collate, "DEFAULT_COLLATE", np.array)
+            collate = _collate.DEFAULT_COLLATE
             arrays = [k for k in keys if isinstance(expected[k], np.ndarray)]
             batch = await ds.query_batch(arrays, collate)
             good &= same(np.stack([expected[k] for k in arrays]), batch)

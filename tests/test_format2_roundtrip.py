@@ -178,8 +178,19 @@ async def test_batches_of_large_arrays_are_read_into_place(tmp_path: Path) -> No
         np.testing.assert_array_equal(batch, np.stack([arrays[k] for k in keys]))
         assert batch.flags.c_contiguous
         assert batch.flags.writeable
-        collated = await ds.query_batch(keys, getattr(_collate, "DEFAULT_COLLATE", np.array))
+        collated = await ds.query_batch(keys, _collate.DEFAULT_COLLATE)
         np.testing.assert_array_equal(collated, batch)
+        calls: list[int] = []
+        into_place = reader.query_batch_into_place
+
+        async def counted(*args: Any) -> Any:
+            calls.append(len(args[0]))
+            return await into_place(*args)
+
+        reader.query_batch_into_place = counted  # type: ignore[method-assign]
+        got = [batch async for _, batch in ds.batches(4, keys=keys)]
+        assert calls == [4, 4]  # batches() reads them into place too
+        np.testing.assert_array_equal(np.concatenate(got), np.stack([arrays[k] for k in keys]))
 
 
 async def test_into_place_gives_up_on_items_that_are_not_plain_arrays(tmp_path: Path) -> None:

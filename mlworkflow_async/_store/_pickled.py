@@ -1,58 +1,55 @@
 """A dataset stored in one indexed file: written atomically, read fast without blocking.
 
 :class:`PickledDataset` writes every item of a dataset into a single file and
-reads them back by key. It also reads the files of the original
-``mlworkflow`` library (see :mod:`mlworkflow_async._store._legacy`).
+reads them back by key. It also reads the files of format 1 and those of
+the original ``mlworkflow`` library (see :mod:`mlworkflow_async._store._legacy`);
+``python -m mlworkflow_async convert`` rewrites either in format 2.
 
-File format (version 1)
------------------------
-All integers are little-endian.
+File format (version 2, written by default)
+-------------------------------------------
+All integers are little-endian; every byte is covered by a CRC-32C
+(zlib's CRC-32 where the ``crc32c`` package is missing), so a flipped bit
+anywhere raises :class:`~mlworkflow_async.exceptions.CorruptFileError`.
+The full description, field by field, is in
+:mod:`mlworkflow_async._store._format2`; in short:
 
-- Header, 64 bytes: the magic ``b"\\x89MLWDS\\r\\n"``, the format version
-  (u32, currently 1), flags (u32, 0), then zeros. A reader refuses a version
-  newer than its own.
-- Items, one after the other in key order, from offset 64. Each is a
-  pickle (protocol 5) whose numpy arrays are *out-of-band*: their raw bytes
-  follow the pickle, each starting on a 64-byte boundary (4096 bytes for
-  buffers of 1 MiB or more), padded with zeros. An item without such
-  buffers is just its pickle, unpadded.
-- Index: a pickle (protocol 5) of a dict with ``"keys"`` (the list of keys,
-  in file order), ``"table"`` (u64 ``offset, span, pickle_length,
-  buffer_count`` per key: the item occupies ``[offset, offset + span)``),
-  ``"buffers"`` (u64 ``start, stop`` per out-of-band buffer, relative to its
-  item's offset, items in order) and ``"context"`` (a dict of metadata, or
-  ``None``).
-- Trailer, the last 32 bytes: the index offset (u64) and length (u64), the
-  CRC-32 of the index (u32), 4 zero bytes, and the end magic ``b"MLWDSEND"``.
+- Header, 64 bytes: magic ``b"\\x89MLWDS\\r\\n"``, version (u32, 2), flags
+  (u32), checksum algorithm (u32), zeros, and the header's own checksum.
+- Items from offset 64, back to back, each a protocol 5 pickle followed by
+  its out-of-band numpy buffers (8-byte aligned; 4096 for 1 MiB or more).
+- Index region: a 16-byte entry per item (offset, tag and pickle length,
+  checksum of the item's whole span), key offsets, an open-addressing hash
+  table of the keys' pickled bytes with one fingerprint byte per slot, rows
+  for items with several buffers, the keys' pickles, the context, and a
+  checksum of every 4096-byte block of the region.
+- Footer, the last 80 bytes: counts and lengths of the parts, the checksum
+  of the block checksums, its own checksum, and ``b"MLWDSEND"``.
 
-A file missing its trailer was not finished. Files written to a path are
+Opening reads the header and footer and maps the index region: nothing is
+built per key, whatever the number of items. Keys are found by their
+pickle; the list of keys is unpickled only when asked for.
+
+Format 1 (``create(..., format_version=1)``) has the same header without
+checksum, the same items with 64-byte alignment, and a pickled index (keys,
+a table of offsets, the context) checked by a CRC-32 in a 32-byte trailer.
+
+A file missing its footer was not finished. Files written to a path are
 written to a temporary file in the same folder first and renamed into place
 once complete and synced to disk, so a reader never sees a partial file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import queue
-import threading
-from collections import deque
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Callable,
-    Iterable,
-    Mapping,
-    Sequence,
-    Sized,
-)
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence, Sized
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
 import anyio
 import anyio.to_thread
 
+from .._core._collate import DEFAULT_COLLATE, collate_batch
 from .._core._dataset import Dataset
 from .._core._keys import KeySequence
 from ..exceptions import CorruptFileError, UnsupportedVersionError
@@ -68,8 +65,6 @@ __all__ = ["PickledDataset"]
 
 #: Keys fetched per ``query_items`` call while writing.
 _CHUNK = 256
-#: Encoded chunks are written once they add up to this much (or hold a large array).
-_FLUSH_BYTES = 64 << 10
 
 
 class PickledDataset(Dataset[Any, Any]):
@@ -87,18 +82,26 @@ class PickledDataset(Dataset[Any, Any]):
     5 {'x': array([9, 9, 9])}
 
     In async code, open it with ``await PickledDataset.open(path)`` (and
-    ``async with``), which does not block the event loop. Keys, ``len()``
-    and :attr:`context` are known as soon as the file is open. Reads never
+    ``async with``), which does not block the event loop. ``len()`` and
+    :attr:`context` are known as soon as the file is open; the keys are
+    unpickled when first asked for. A key is found by its pickle: ``3``,
+    ``np.int64(3)`` and ``("a", 1)`` find what was stored under them, but
+    ``3.0`` does not find ``3``. Reads never
     block the loop: items already in the page cache are read directly,
     others in one worker thread call per batch; ``batched_queries`` is True
     so :meth:`batches` reads whole batches at once. Any number of reads may
     run concurrently.
 
-    With ``mmap=True`` arrays are read-only views of a memory map of the
-    file (no copy); pages of small arrays are read when first touched. By
-    default arrays are writable; those of 1 MiB or more are private
-    copy-on-write maps of the file rather than copies, handed out once
-    their pages are in memory (checked, or read in by a worker thread).
+    Every item is checked against its checksum as it is read (format 2).
+    Arrays of 1 MiB or more are maps of the file, not copies: by default
+    private copy-on-write maps (writable); with ``mmap=True`` read-only
+    views of one map of the file (smaller arrays are then copies, checked
+    like the rest). They are handed out once their pages are in memory,
+    read in by a worker thread if needed. ``verify="all"`` (the default)
+    hashes a mapped array in that thread the first time its item is read;
+    ``verify="copied"`` skips that (saving a pass over the array's bytes) and
+    checks everything else. ``python -m mlworkflow_async verify`` checks
+    every byte.
     Never modify a file in place while it is open: :meth:`create` replaces
     files atomically, which is safe.
 
@@ -215,7 +218,9 @@ class PickledDataset(Dataset[Any, Any]):
     async def query_item(self, key: Any) -> Any:
         return (await self._reader.query((key,)))[0]
 
-    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
+    async def query_items(
+        self, keys: Sequence[Any], concurrency: int | None = None
+    ) -> list[Any]:
         """The items of ``keys`` in order, read in one go (one thread call at most)."""
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
@@ -232,17 +237,14 @@ class PickledDataset(Dataset[Any, Any]):
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
         reader = self._reader
-        if collate is _default_collate() and isinstance(reader, Reader2) and keys:
+        if collate is DEFAULT_COLLATE and isinstance(reader, Reader2) and keys:
             entries = reader.locate(keys)
             size = reader.into_place_plan(entries)
             if size is not None:
                 batch = await reader.query_batch_into_place(keys, entries, size)
                 if batch is not None:
                     return batch
-        items = await self.query_items(keys)
-        if len(items) > 16:
-            return await anyio.to_thread.run_sync(collate, items)
-        return collate(items)
+        return await collate_batch(await self.query_items(keys), collate)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -306,10 +308,11 @@ class PickledDataset(Dataset[Any, Any]):
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
-        Returns the number of items written. Items are fetched with
-        ``dataset.query_items`` on chunks of keys, up to ``concurrency`` at
-        a time, and written in key order; pickling and writing happen in a
-        worker thread. The dataset's ``context`` mapping, if any, is stored.
+        Returns the number of items written. Items are fetched the way the
+        dataset fetches (``query_items`` on chunks of keys for a bulk
+        backend, ``query_item`` otherwise), up to ``concurrency`` at a time,
+        and written in key order; pickling and writing happen in a worker
+        thread while the next chunks load. The dataset's ``context`` mapping, if any, is stored.
         A blocking dataset (such as an original ``mlworkflow`` one) is
         wrapped with :func:`~mlworkflow_async.from_sync`.
 
@@ -339,7 +342,6 @@ class PickledDataset(Dataset[Any, Any]):
         if not isinstance(context, Mapping):
             context = None
         chunk = min(concurrency, _CHUNK)
-        ahead = max(1, concurrency // chunk)
 
         def open_sink() -> Sink:
             sink: Sink
@@ -362,20 +364,24 @@ class PickledDataset(Dataset[Any, Any]):
         )
         bar = _progress_bar(progress, _known_length(source), sink.name)
         committed = False
-        writer = _Writer(encoder, sink)
+        engine = dataset._engine(source, chunk, concurrency)
         try:
-            async with contextlib.aclosing(_fetch(dataset, source, chunk, ahead)) as fetched:
-                async for chunk_keys, items in fetched:
-                    await writer.put(chunk_keys, items)
-                    if bar is not None:
-                        bar.update(len(chunk_keys))
-            await writer.close()
+            while True:
+                try:
+                    unit = await engine.next_unit()
+                except StopAsyncIteration:
+                    break
+                await anyio.to_thread.run_sync(
+                    _write_chunk, encoder, sink, unit.keys, unit.batch
+                )
+                if bar is not None:
+                    bar.update(len(unit.keys))
             await anyio.to_thread.run_sync(_finish, encoder, sink, context)
             committed = True
         finally:
+            await engine.aclose()
             if not committed:
                 with anyio.CancelScope(shield=True):
-                    await writer.close(check=False)
                     await anyio.to_thread.run_sync(sink.discard)
             if bar is not None:
                 bar.close()
@@ -403,153 +409,11 @@ def _known_length(source: object) -> int | None:
     return len(source) if isinstance(source, Sized) else None
 
 
-async def _chunks(
-    source: Iterable[Any] | AsyncIterable[Any], size: int
-) -> AsyncGenerator[list[Any], None]:
-    chunk: list[Any] = []
-    if isinstance(source, AsyncIterable):
-        async for key in source:
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    else:
-        for key in source:
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+def _write_chunk(
+    encoder: Encoder | Encoder2, sink: Sink, keys: list[Any], items: list[Any]
+) -> None:
+    sink.write(encoder.encode(keys, items))
 
-
-async def _fetch(
-    dataset: Dataset[Any, Any],
-    source: Iterable[Any] | AsyncIterable[Any],
-    size: int,
-    ahead: int,
-) -> AsyncGenerator[tuple[list[Any], list[Any]], None]:
-    """Yield ``(keys, items)`` chunks in order, fetching up to ``ahead`` chunks at once."""
-    pending: deque[tuple[list[Any], asyncio.Task[list[Any]]]] = deque()
-    chunks = _chunks(source, size)
-    exhausted = False
-
-    async def fetch(chunk_keys: list[Any]) -> list[Any]:
-        return list(await dataset.query_items(chunk_keys))
-
-    async def fill() -> None:
-        nonlocal exhausted
-        while not exhausted and len(pending) < ahead:
-            try:
-                chunk_keys = await anext(chunks)
-            except StopAsyncIteration:
-                exhausted = True
-                return
-            pending.append((chunk_keys, asyncio.ensure_future(fetch(chunk_keys))))
-
-    try:
-        while True:
-            await fill()
-            if not pending:
-                return
-            chunk_keys, task = pending.popleft()
-            items = await task
-            await fill()  # the next chunks load while this one is written
-            if len(items) != len(chunk_keys):
-                raise ValueError(
-                    f"{type(dataset).__name__}.query_items returned {len(items)} items "
-                    f"for {len(chunk_keys)} keys"
-                )
-            yield chunk_keys, items
-    finally:
-        for _, task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-        await chunks.aclose()
-
-
-class _Writer:
-    """One worker thread encoding and writing chunks in order, fed through a queue.
-
-    A thread hop per chunk costs more than encoding a chunk of small items;
-    so does waking the loop per chunk written (the woken loop takes the GIL,
-    and the writer waits up to a switch interval to get it back). This
-    thread stays on the job while chunks keep coming; the loop waits only
-    when ``depth`` chunks are queued, and is woken once half are written.
-    """
-
-    def __init__(self, encoder: Encoder | Encoder2, sink: Sink, depth: int = 4) -> None:
-        self._encoder, self._sink = encoder, sink
-        self._jobs: queue.SimpleQueue[tuple[list[Any], list[Any]] | None] = queue.SimpleQueue()
-        self._loop = asyncio.get_running_loop()
-        self._depth = depth
-        self._lock = threading.Lock()
-        self._submitted = 0
-        self._written = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="PickledDataset.create", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    def _run(self) -> None:
-        pending: list[Any] = []  # small chunks' bytes, written together: fewer system calls
-        size = 0
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is not None and self._error is None:
-                    parts = self._encoder.encode(*job)
-                    pending += parts
-                    size += sum(map(len, parts))
-                if pending and (job is None or size >= _FLUSH_BYTES or len(parts) > 1):
-                    self._sink.write(pending)
-                    pending, size = [], 0
-            except BaseException as exc:
-                self._error = exc
-            if job is None:
-                return
-            with self._lock:
-                self._written += 1
-                waiter = self._waiter
-                if waiter is not None and (
-                    self._error is not None
-                    or self._submitted - self._written <= self._depth // 2
-                ):
-                    self._waiter = None
-                else:
-                    waiter = None
-            if waiter is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                    self._loop.call_soon_threadsafe(_settle, waiter)
-
-    async def put(self, keys: list[Any], items: list[Any]) -> None:
-        with self._lock:
-            waiter = None
-            if self._submitted - self._written >= self._depth and self._error is None:
-                waiter = self._waiter = self._loop.create_future()
-        if waiter is not None:
-            await waiter
-        if self._error is not None:
-            raise self._error
-        with self._lock:
-            self._submitted += 1
-        self._jobs.put((keys, items))
-
-    async def close(self, check: bool = True) -> None:
-        """Wait until every queued chunk is written; raise what writing raised."""
-        if not self._closed:
-            self._closed = True
-            self._jobs.put(None)
-            await anyio.to_thread.run_sync(self._thread.join)
-        if check and self._error is not None:
-            raise self._error
-
-
-def _settle(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _finish(encoder: Encoder | Encoder2, sink: Sink, context: Mapping[str, Any] | None) -> None:
@@ -571,11 +435,6 @@ def _format_of(path: str) -> int | None:
         return None
     return int.from_bytes(head[8:12], "little")
 
-
-def _default_collate() -> object:
-    from .._core import _collate
-
-    return getattr(_collate, "DEFAULT_COLLATE", None)
 
 
 def _progress_bar(enabled: bool, total: int | None, name: str) -> Any:
