@@ -265,3 +265,28 @@ def test_default_algorithm_is_crc32c_when_installed() -> None:
 
     assert (_checksum.CRC32C if _checksum.HAVE_CRC32C else 1) == _checksum.DEFAULT
     assert _format2.header2()[:8] == b"\x89MLWDS\r\n"
+
+
+def test_convert_upgrades_format_1_and_verify_checks_every_byte(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlworkflow_async.__main__ import main
+
+    old, new = tmp_path / "v1.pkl", tmp_path / "v2.pkl"
+    items = {"big": np.arange(300_000, dtype=np.float32), "small": [1, 2]}
+    write_file(old, items, {"from": "v1"}, version=1)
+    assert main(["convert", str(old), str(new)]) == 0
+    with PickledDataset(new) as ds:
+        assert ds.format_version == 2
+        assert ds.context == {"from": "v1"}
+        assert_same(items["big"], ds.sync.query_item("big"))
+        offset, span, *_ = ds._reader.index.locate("big")
+    assert main(["verify", str(new)]) == 0
+    assert "OK: all 2 items" in capsys.readouterr().out
+    data = bytearray(new.read_bytes())
+    data[offset + span - 1000] ^= 0x20  # inside the mapped array
+    new.write_bytes(bytes(data))
+    assert main(["verify", str(new)]) == 1
+    assert "BROKEN: item 'big'" in capsys.readouterr().out
+    assert main(["info", str(new)]) == 0
+    assert "CRC-32" in capsys.readouterr().out
