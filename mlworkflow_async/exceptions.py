@@ -16,6 +16,7 @@ __all__ = [
     "UnpicklableItemError",
     "UnsafePickleError",
     "UnsupportedVersionError",
+    "WorkerDiedError",
 ]
 
 
@@ -88,4 +89,13 @@ class UnpicklableItemError(TypeError):
     """An item (or key, or context) could not be pickled while writing a file.
 
     The message names the key; the original error is the ``__cause__``.
+    """
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process died (killed, out of memory, crashed) while running a callable.
+
+    The message names the callable and the key it was running. A pool made
+    with ``executor="process"`` starts again for the next call; a process
+    pool that was passed in is unusable afterwards and must be replaced.
     """
