@@ -336,7 +336,7 @@ class _Chunk:
         """The index of the item being run (or -1, or -2 for all at once) and the worker pid."""
         control = self.control()
         if control is None:
-            return -1, 0
+            return self.stop[_PROGRESS], self.stop[_PID]
         try:
             return control[_PROGRESS], control[_PID]
         finally:
