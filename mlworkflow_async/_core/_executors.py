@@ -433,12 +433,14 @@ class WorkerPool:
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="mlworkflow-async")
         # fork is unsafe in a process with threads (the loop's worker threads
         # may hold locks); forkserver forks from a clean single-threaded server.
+        context: multiprocessing.context.BaseContext
         if "forkserver" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("forkserver")
+            server = multiprocessing.get_context("forkserver")
             # The server imports this module once, so that each worker forked
             # from it starts in a fraction of a second instead of importing
             # numpy and the library again (measured 3 s against 0.2 s).
-            context.set_forkserver_preload(["__main__", __name__])
+            server.set_forkserver_preload(["__main__", __name__])
+            context = server
         else:  # pragma: no cover - not on Linux
             context = multiprocessing.get_context("spawn")
         return cf.ProcessPoolExecutor(self.workers, mp_context=context)
