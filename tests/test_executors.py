@@ -355,6 +355,16 @@ async def test_a_given_thread_pool_is_used_and_not_shut_down() -> None:
         assert given.submit(abs, -1).result() == 1
 
 
+def test_a_pool_pickles_as_a_fresh_one() -> None:
+    import pickle
+
+    pool = WorkerPool("process", 3)
+    copy = pickle.loads(pickle.dumps(pool))
+    assert (copy.kind, copy.workers, copy._owned) == ("process", 3, None)
+    with cf.ThreadPoolExecutor(1) as given:
+        assert pickle.loads(pickle.dumps(worker_pool(given))) is None
+
+
 # -- a Dask cluster --------------------------------------------------------------
 
 

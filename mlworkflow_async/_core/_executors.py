@@ -417,6 +417,14 @@ class WorkerPool:
             _need_cloudpickle(executor)
         _live.add(self)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A dataset holding a pool may be pickled (to be sent to a cluster):
+        # a pool of its own is made again there, lazily; an executor given
+        # here stays here, and the copy runs its callables inline.
+        if self._given is None:
+            return WorkerPool, (self.kind, self.workers)
+        return _no_pool, ()
+
     @property
     def in_threads(self) -> bool:
         """True when callables run in threads of this process (so async ones stay on the loop)."""
@@ -731,6 +739,10 @@ class WorkerPool:
         if wait_running and running:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([asyncio.wrap_future(f) for f in running])
+
+
+def _no_pool() -> None:
+    return None
 
 
 def _need_cloudpickle(executor: Any) -> None:
