@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import anyio
 import anyio.to_thread
 
 from ..exceptions import WorkerDiedError
@@ -562,17 +563,23 @@ class WorkerPool:
         args_list: list[tuple[Any, ...]],
         on_error: Callable[[BaseException, int], None] | None,
     ) -> list[Any]:
-        from ._amap import map_concurrently
+        results: list[Any] = [None] * len(args_list)
 
-        async def call(index: int) -> Any:
+        async def call(index: int) -> None:
             try:
-                return await fn(*args_list[index])
+                results[index] = await fn(*args_list[index])
             except Exception as exc:
                 if on_error is not None:
                     on_error(exc, index)
                 raise
 
-        return await map_concurrently(call, range(len(args_list)))
+        try:
+            async with anyio.create_task_group() as tg:
+                for index in range(len(args_list)):
+                    tg.start_soon(call, index)
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        return results
 
     def _submit(
         self,
