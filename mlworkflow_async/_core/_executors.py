@@ -548,7 +548,7 @@ class WorkerPool:
                 # Starting worker processes, or copying much data, blocks for a
                 # while: done from a thread, so that the loop goes on.
                 await anyio.to_thread.run_sync(
-                    self._submit, executor, fn, args_list, bounds, chunks
+                    self._start_and_submit, executor, fn, args_list, bounds, chunks
                 )
             else:
                 self._submit(executor, fn, args_list, bounds, chunks)
@@ -580,6 +580,14 @@ class WorkerPool:
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
         return results
+
+    def _start_and_submit(self, executor: cf.Executor, *args: Any) -> None:
+        if self._given is None and getattr(executor, "_executor_manager_thread", 0) is None:
+            # A new pool of ours: start every worker now rather than one per
+            # submission as work comes, so that the first batches use them all.
+            with contextlib.suppress(AttributeError, AssertionError):
+                executor._launch_processes()  # type: ignore[attr-defined]
+        self._submit(executor, *args)
 
     def _submit(
         self,
