@@ -365,6 +365,25 @@ def test_a_pool_pickles_as_a_fresh_one() -> None:
         assert pickle.loads(pickle.dumps(worker_pool(given))) is None
 
 
+async def test_side_runner_takes_the_same_executors() -> None:
+    from mlworkflow_async import SideRunner
+
+    base = 5
+    async with SideRunner(2, executor="process") as runner:
+        runner.run_async(lambda x: (x + base, os.getpid()), 1)
+        runner.run_async(pid_of, 0, value=None)
+        [(six, pid), other] = await runner.collect_runs()
+        pool = runner._pool
+    assert six == 6
+    assert pid != os.getpid()
+    assert other != os.getpid()
+    assert pool is not None
+    assert pool._owned is None  # closed with the block
+    assert not psutil.pid_exists(pid)
+    async with SideRunner(3, executor="thread") as runner:
+        assert await runner.run_async(threading.current_thread) is not threading.current_thread()
+
+
 # -- a Dask cluster --------------------------------------------------------------
 
 
