@@ -93,7 +93,7 @@ class DerivedKeyChunks(AsyncIterator[list[K]]):
     skipped.
     """
 
-    __slots__ = ("_derive", "_largest", "_parent_keys", "_size", "_start")
+    __slots__ = ("__weakref__", "_derive", "_largest", "_parent_keys", "_size", "_start")
 
     def __init__(
         self,
@@ -107,6 +107,7 @@ class DerivedKeyChunks(AsyncIterator[list[K]]):
         self._largest = max(1, largest)
         self._size = max(1, min(first, self._largest))
         self._start = 0
+        parent_keys.claim(self, self._largest)
 
     def __aiter__(self) -> DerivedKeyChunks[K]:
         return self
@@ -178,7 +179,11 @@ class Discovered(Generic[H, V]):
         chunks.append(values)
         self.newest = values
         self._size += len(values)
-        keep = max(self.minimum, 2 * reach + len(values))
+        # With no live reader nothing is about to be queried: hold nothing.
+        keep = max(self.minimum, 2 * reach + len(values)) if reach else self.minimum
+        if not keep:
+            self.clear()
+            return
         while len(chunks) > 1 and self._size - len(chunks[0]) >= keep:
             self._size -= len(chunks.popleft())
 
