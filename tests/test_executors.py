@@ -268,7 +268,7 @@ async def test_large_arrays_travel_through_shared_memory(processes: WorkerPool) 
         doubled += 1  # writable
     # Small arrays travel inside the pickle.
     assert [r[0] for r in await processes.run_batch(array_facts, small)] == [False] * 5
-    assert shm_segments() == set()
+    await wait_until(lambda: shm_segments() == set())
 
 
 async def test_no_segment_is_left_when_a_batch_is_left_early(
@@ -435,3 +435,18 @@ async def test_dask_failures_and_a_killed_worker(dask_client: Any) -> None:
     # The nanny starts the worker again: the cluster goes on.
     dask_client.wait_for_workers(2, timeout=30)
     assert await pool.run_batch(scale, [(k, 3) for k in range(4)]) == [0, 3, 6, 9]
+
+
+async def test_combinators_on_a_dask_cluster(dask_client: Any) -> None:
+    from mlworkflow_async import DictDataset, FilteredDataset, TransformedDataset
+
+    parent = DictDataset({k: k for k in range(40)})
+    kept = FilteredDataset(parent, lambda k, v: v % 4 == 0, executor=dask_client)
+    on_cluster = TransformedDataset(kept, [lambda k, v: (v, os.getpid())], executor=dask_client)
+    results = [
+        item async for _, batch in on_cluster.batches(4, collate_fn=list) for item in batch
+    ]
+    assert [v for v, _ in results] == list(range(0, 40, 4))
+    assert os.getpid() not in {pid for _, pid in results}
+    await on_cluster.aclose()
+    assert dask_client.status == "running"  # the client is its owner's to close
