@@ -167,6 +167,25 @@ async def test_a_killed_worker_names_the_key_and_the_pool_recovers() -> None:
         pool.close()
 
 
+async def test_a_death_is_told_the_same_to_every_batch_it_drops(tmp_path: Path) -> None:
+    pool = WorkerPool("process", 2)
+    gate = tmp_path / "gate"
+    try:
+        await pool.run_batch(scale, [(0, 0), (1, 1)])
+        innocent = asyncio.create_task(
+            pool.run_batch(wait_for_file, [(0, str(gate))], keys=["innocent"])
+        )
+        await wait_until(lambda: any(c.progress()[0] == 0 for c in pool._in_flight))
+        culprit = asyncio.create_task(pool.run_batch(die_on_3, [(3, 3)], keys=[3]))
+        errors = await asyncio.gather(innocent, culprit, return_exceptions=True)
+        for error in errors:
+            assert isinstance(error, WorkerDiedError)
+            assert "(killed by SIGKILL) while running die_on_3 on key 3" in str(error)
+        assert "wait_for_file on key 'innocent' and more was dropped" in str(errors[0])
+    finally:
+        pool.close()
+
+
 async def test_a_killed_worker_of_a_given_process_pool() -> None:
     context = multiprocessing.get_context("forkserver")
     with cf.ProcessPoolExecutor(2, mp_context=context) as executor:

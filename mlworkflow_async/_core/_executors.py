@@ -379,6 +379,7 @@ class WorkerPool:
         # Every chunk in flight, across calls: a dead worker is looked for among them.
         self._in_flight: set[_Chunk] = set()
         self._dead: dict[int, str] = {}
+        self._death: tuple[cf.Executor, str] | None = None
         self._given: cf.Executor | None = None
         self._client: Any = None
         if executor in KINDS:
@@ -644,7 +645,7 @@ class WorkerPool:
                 try:
                     outcome = wrapped.result()
                 except BaseException as exc:
-                    lost = self._lost(exc, executor, chunk)
+                    lost = await self._lost(exc, executor, chunk)
                     if lost is exc:
                         raise
                     raise lost from exc
@@ -685,11 +686,19 @@ class WorkerPool:
             raise exc
         raise RuntimeError(f"a chunk of {describe(chunk.fn)} stopped without being asked to")
 
-    def _lost(self, exc: BaseException, executor: cf.Executor, chunk: _Chunk) -> BaseException:
+    async def _lost(
+        self, exc: BaseException, executor: cf.Executor, chunk: _Chunk
+    ) -> BaseException:
         """The error for a chunk whose future failed by itself (not through its callable)."""
         broken = isinstance(exc, BrokenProcessPool)
         if not broken and type(exc).__name__ != "KilledWorker":
             return exc
+        manager = getattr(executor, "_executor_manager_thread", None)
+        if broken and manager is not None:
+            # The pool ends its other workers as it breaks: once it is done,
+            # their exit codes are settled and cannot be mistaken for the death.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(manager.join, 10.0)
         # Read how workers ended before the pool is let go (it forgets them then);
         # kept for the other calls that lose chunks to the same death.
         self._dead.update(_dead_pids(executor))
@@ -714,6 +723,7 @@ class WorkerPool:
             if progress != -1 and not finished:
                 running.append((candidate, progress, pid))
         culprits = [r for r in running if r[2] in dead] or (running if len(running) == 1 else [])
+        found: _Chunk | None = None
         if culprits:
             found, progress, pid = culprits[0]
             how = f" ({dead[pid]})" if pid in dead else ""
@@ -721,14 +731,21 @@ class WorkerPool:
                 where = f"on {found.name(progress)}"
             else:
                 where = f"on one of {found.name(0)} and the rest of its chunk"
-            message = f"a worker process died{how} while running {describe(found.fn)} {where}"
-            if found is not chunk:
-                message += f"; {describe(chunk.fn)} on {chunk.name(0)} and more was dropped"
+            cause = f"a worker process died{how} while running {describe(found.fn)} {where}"
+            if broken:
+                # Calls that see the same death later may no longer find the chunk.
+                self._death = (executor, cause)
+        elif broken and self._death is not None and self._death[0] is executor:
+            cause = self._death[1]
         else:
-            message = (
+            cause = (
                 f"a worker process died while running {describe(chunk.fn)} on {chunk.name(0)} "
                 f"or another item of its chunk"
             )
+            found = chunk
+        message = cause
+        if found is not chunk:
+            message += f"; {describe(chunk.fn)} on {chunk.name(0)} and more was dropped"
         return WorkerDiedError(f"{message}; {again}")
 
     async def _settle(self, chunks: list[_Chunk], wait_running: bool) -> None:
