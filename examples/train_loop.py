@@ -5,7 +5,7 @@ The script generates a two-class dataset, caches it once in a
 gradient descent for a few epochs. The cache records the settings that
 generated it (``--items``, ``--features``, ``--separation``, ``--seed``) and
 is generated again when they change. Batches come from the dataset's blocking
-view, ``ds.sync.batches(...)``, which loads the next items in the background;
+view, ``ds.batches(...)``, which loads the next items in the background;
 a blocking ``SideRunner`` prefetches the prepared batches one step further,
 so the model update and the batch preparation overlap.
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from mlworkflow_async import Dataset, DictDataset
+from mlworkflow_async import DictDataset
 from mlworkflow_async.exceptions import PickledFileError
-from mlworkflow_async.sync import PickledDataset, SideRunner
+from mlworkflow_async.sync import PickledDataset, SideRunner, SyncView
 
 Batch = tuple[np.ndarray, np.ndarray]  # features and labels
 #: The context entry of the cache file: the settings its data was generated with.
@@ -137,7 +137,7 @@ def _difference(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
 
 
 def train(
-    ds: Dataset[int, Any],
+    ds: SyncView[int, Any],
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -145,8 +145,8 @@ def train(
     report: Any = print,
 ) -> tuple[list[float], float]:
     """Train on ``ds``; return the mean loss of each epoch and the final accuracy."""
-    keys = ds.sync.keys.all()
-    features = ds.sync.query_item(keys[0])["x"].shape[0]
+    keys = ds.keys.all()
+    features = ds.query_item(keys[0])["x"].shape[0]
     model = LogisticRegression(features)
     rng = np.random.default_rng(seed)
     epoch_losses: list[float] = []
@@ -155,7 +155,7 @@ def train(
             order = [keys[i] for i in rng.permutation(len(keys))]
 
             def batch_generator(order: list[int] = order) -> Iterator[Batch]:
-                for _, batch in ds.sync.batches(batch_size, keys=order, drop_incomplete=True):
+                for _, batch in ds.batches(batch_size, keys=order, drop_incomplete=True):
                     yield batch["x"].astype(np.float64), batch["y"]
 
             losses, hits, seen = [], 0, 0
@@ -169,7 +169,7 @@ def train(
                 f"epoch {epoch}/{epochs}: mean loss {epoch_losses[-1]:.4f} over "
                 f"{len(losses)} batches, training accuracy {hits / seen:.1%}"
             )
-    everything = ds.sync.query(keys)
+    everything = ds.query(keys)
     accuracy = model.accuracy(everything["x"].astype(np.float64), everything["y"])
     report(f"final accuracy on all {len(keys)} items: {accuracy:.1%}")
     return epoch_losses, accuracy

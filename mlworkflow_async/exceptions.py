@@ -15,7 +15,8 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     └── PickledFileError (OSError)
         ├── CorruptFileError
         ├── UnsupportedVersionError
-        └── UnsafePickleError
+        ├── UnsafePickleError
+        └── KeyClassNotFoundError
 
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
@@ -30,6 +31,7 @@ from typing import Any
 __all__ = [
     "CorruptFileError",
     "ItemCountError",
+    "KeyClassNotFoundError",
     "KeysNotReadyError",
     "MlworkflowAsyncError",
     "PickledFileError",
@@ -163,6 +165,15 @@ class UnsupportedVersionError(PickledFileError):
     """The file was written by a newer version of mlworkflow-async.
 
     Upgrade the library to read it.
+    """
+
+
+class KeyClassNotFoundError(PickledFileError):
+    """The keys (or context) of the file are of a class that cannot be imported here.
+
+    The message names the module or class the file needs: install or import
+    the package that defines it (the one that wrote the file), then open the
+    file again.
     """
 
 

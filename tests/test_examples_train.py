@@ -45,7 +45,7 @@ def test_loss_falls_and_accuracy_is_well_above_chance(
     # The cache is a real PickledDataset file, reused by the next run.
     with blocking.PickledDataset(data) as ds:
         assert len(ds) == 2048
-        item = ds.sync.query_item(5)
+        item = ds.query_item(5)
         assert item["x"].shape == (20,)
         assert item["y"] in (0.0, 1.0)
     assert train_loop.main(argv) == 0
@@ -83,14 +83,14 @@ def test_a_cache_of_other_data_is_generated_again(
     out = capsys.readouterr().out
     assert out.startswith(f"rebuilding {data}: it holds other data (features 20 -> 4, seed 0 -> 7)")
     with blocking.PickledDataset(data) as ds:
-        assert ds.sync.query_item(0)["x"].shape == (4,)
+        assert ds.query_item(0)["x"].shape == (4,)
     # Generated again, the data is exactly what a fresh cache holds.
     fresh = tmp_path / "fresh.pickle"
     train_loop.prepare(fresh, items=50, features=4, separation=3.0, seed=7)
     with blocking.PickledDataset(data) as ds, blocking.PickledDataset(fresh) as other:
-        keys = ds.sync.keys.all()
-        assert keys == other.sync.keys.all()
-        a, b = ds.sync.query(keys), other.sync.query(keys)
+        keys = ds.keys.all()
+        assert keys == other.keys.all()
+        a, b = ds.query(keys), other.query(keys)
         assert (a["x"] == b["x"]).all()
         assert (a["y"] == b["y"]).all()
 
