@@ -24,6 +24,7 @@ WORKLOADS = [
     "w5_loop_lag",
     "w6_side_runner",
     "w7_format2",
+    "w_cpu_stages",
 ]
 
 

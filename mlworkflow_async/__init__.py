@@ -35,6 +35,7 @@ from .exceptions import (
     UnpicklableItemError,
     UnsafePickleError,
     UnsupportedVersionError,
+    WorkerDiedError,
 )
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "UnpicklableItemError",
     "UnsafePickleError",
     "UnsupportedVersionError",
+    "WorkerDiedError",
     "batchify",
     "chunkify",
     "from_sync",

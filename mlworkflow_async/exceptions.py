@@ -10,6 +10,7 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     ├── UnsupportedBackendError (RuntimeError)
     ├── ItemCountError (RuntimeError)
     ├── TooManyFailuresError (RuntimeError)
+    ├── WorkerDiedError (RuntimeError)
     ├── ResumeError (ValueError)
     ├── UnpicklableItemError (TypeError)
     └── PickledFileError (OSError)
@@ -43,6 +44,7 @@ __all__ = [
     "UnsupportedBackendError",
     "UnsafePickleError",
     "UnsupportedVersionError",
+    "WorkerDiedError",
 ]
 
 
@@ -191,4 +193,13 @@ class UnsafePickleError(PickledFileError):
     Safe mode only rebuilds builtin containers and scalars, numpy arrays and
     the classes passed as ``allow=``. Pass the named class in ``allow`` if
     you trust it, or open the file without ``safe=True`` if you trust the file.
+    """
+
+
+class WorkerDiedError(MlworkflowAsyncError, RuntimeError):
+    """A worker process died (killed, out of memory, crashed) while running a callable.
+
+    The message names the callable and the key it was running. A pool made
+    with ``executor="process"`` starts again for the next call; a process
+    pool that was passed in is unusable afterwards and must be replaced.
     """

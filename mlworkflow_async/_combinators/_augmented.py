@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 from abc import abstractmethod
 from collections import deque
-from collections.abc import AsyncIterable, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
 from operator import itemgetter
 from typing import Any, TypeVar
 
 from .._core._callables import is_async_callable
 from .._core._dataset import Dataset
 from .._core._engine import map_ordered
+from .._core._executors import WorkerPool, worker_pool
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
@@ -27,6 +28,10 @@ V = TypeVar("V")
 _FIRST_CHUNK = 8
 _LARGEST_CHUNK = 128
 _UNSET: Any = object()
+# What a copy sent to workers leaves behind: what only this process uses.
+_RUNTIME = frozenset(
+    {"parent", "_roots", "_discovered", "_pool", "_shipped", "_mlworkflow_keys"}
+)
 
 
 class AugmentedDataset(Derived[K, V]):
@@ -60,12 +65,28 @@ class AugmentedDataset(Derived[K, V]):
     included, and kept while it is among the ``cached_roots`` most recently
     queried roots; an older one is fetched and augmented again if asked for.
     ``len()`` works once all keys are known.
+
+    ``executor`` runs ``augment`` elsewhere, a batch of roots per hop:
+    ``"thread"``, ``"process"`` (a pool of ``workers``), any
+    ``concurrent.futures.Executor`` or a ``dask.distributed.Client``, as for
+    :class:`~mlworkflow_async.TransformedDataset`; the children come back.
+    In other processes, ``augment`` is called on a copy of the dataset
+    without its parent.
     """
 
-    def __init__(self, parent: Dataset[Any, Any], *, cached_roots: int = 128) -> None:
+    def __init__(
+        self,
+        parent: Dataset[Any, Any],
+        *,
+        cached_roots: int = 128,
+        executor: Any = None,
+        workers: int | None = None,
+    ) -> None:
         if cached_roots < 1:
             raise ValueError(f"cached_roots must be at least 1, got {cached_roots}")
         self.parent = parent
+        self._pool = worker_pool(executor, workers)
+        self._shipped: Callable[..., Any] | None = None
         # Oldest loaded first out: children are mostly read in the order their
         # roots were loaded, and a root read already should not outlive one
         # whose children are still to be read.
@@ -163,6 +184,9 @@ class AugmentedDataset(Derived[K, V]):
     async def _load_roots(self, root_keys: list[Any]) -> list[dict[K, V]]:
         """Fetch roots in one parent call and augment them: the one path to children."""
         items = await self._parent_items(root_keys)
+        pool = self._pool
+        if pool is not None and not (self._async_augment and pool.in_threads):
+            return await self._augment_in_pool(pool, root_keys, items)
         if self._async_augment:
             return await map_ordered(
                 lambda index: self._augment_one(root_keys[index], items[index]),
@@ -173,6 +197,31 @@ class AugmentedDataset(Derived[K, V]):
         # A plain generator never suspends: one root after the other, no task.
         augment_one = self._augment_one
         return [await augment_one(key, item) for key, item in zip(root_keys, items, strict=True)]
+
+    async def _augment_in_pool(
+        self, pool: WorkerPool, root_keys: list[Any], items: list[Any]
+    ) -> list[dict[K, V]]:
+        if self._shipped is None:
+            copy = self._for_workers()
+            self._shipped = _ExpandAsync(copy) if self._async_augment else _Expand(copy)
+
+        def noted(exc: BaseException, index: int) -> None:
+            self._note(exc, root_keys[index])
+
+        groups = await pool.run_batch(
+            self._shipped, list(zip(root_keys, items, strict=True)), keys=root_keys,
+            on_error=noted,
+        )
+        return [self._children(k, pairs) for k, pairs in zip(root_keys, groups, strict=True)]
+
+    def _for_workers(self) -> AugmentedDataset[K, V]:
+        """A copy of this dataset for the workers to call ``augment`` on: its
+        settings, without its parent, held children or pool."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(
+            (name, value) for name, value in self.__dict__.items() if name not in _RUNTIME
+        )
+        return copy
 
     # -- keys ------------------------------------------------------------
 
@@ -248,3 +297,29 @@ class AugmentedDataset(Derived[K, V]):
             if key not in groups[root_key]:
                 raise self._unknown(key, root_key) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Expand:
+    """``augment`` over one root, as a worker runs it: the list of its children."""
+
+    def __init__(self, dataset: AugmentedDataset[Any, Any]) -> None:
+        self.dataset = dataset
+        self.__qualname__ = f"{type(dataset).__qualname__}.augment"
+
+    def __call__(self, root_key: Any, root_item: Any) -> list[Any]:
+        made = self.dataset.augment(root_key, root_item)
+        if not isinstance(made, Iterable):
+            raise self.dataset._not_pairs(made)
+        return list(made)
+
+
+class _ExpandAsync(_Expand):
+    async def __call__(self, root_key: Any, root_item: Any) -> list[Any]:  # type: ignore[override]
+        made: Any = self.dataset.augment(root_key, root_item)
+        if inspect.isawaitable(made):
+            made = await made
+        if isinstance(made, AsyncIterable):
+            return [pair async for pair in made]
+        if not isinstance(made, Iterable):
+            raise self.dataset._not_pairs(made)
+        return list(made)

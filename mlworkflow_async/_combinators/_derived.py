@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
+from types import TracebackType
 from typing import Any, TypeVar
 
 from .._core._dataset import Dataset
+from .._core._executors import WorkerPool
 from .._core._keys import KeySequence
 from ..exceptions import ItemCountError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+D = TypeVar("D", bound="Derived[Any, Any]")
 
 
 class Derived(Dataset[K, V]):
@@ -24,6 +27,29 @@ class Derived(Dataset[K, V]):
     parent: Dataset[Any, Any]
 
     batched_queries = True
+
+    #: Where the combinator's callables run, from its ``executor=`` (None: on the loop).
+    _pool: WorkerPool | None = None
+
+    async def aclose(self) -> None:
+        """Close the worker pools of this dataset and of the combinators it is made from.
+
+        A pool closed starts again if the dataset is used later. Executors
+        that were passed in are left to their owner.
+        """
+        dataset: Dataset[Any, Any] | None = self
+        while isinstance(dataset, Derived):
+            if dataset._pool is not None:
+                await dataset._pool.aclose()
+            dataset = dataset.parent
+
+    async def __aenter__(self: D) -> D:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
     @property
     def context(self) -> Any:

@@ -14,6 +14,7 @@ import numpy as np
 from .._core._callables import describe, is_async_callable, positional_arity
 from .._core._dataset import Dataset
 from .._core._engine import add_key_note, map_ordered
+from .._core._executors import worker_pool
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
@@ -61,6 +62,11 @@ class FilteredDataset(Derived[K, V]):
     step against fewer steps); ``buffer_size=0`` holds none. So iterating
     keys then querying them judges each key and fetches each item once,
     while ``await ds.keys.all()`` alone holds no item at all.
+
+    ``executor`` runs the predicate elsewhere, a batch per hop: ``"thread"``,
+    ``"process"`` (a pool of ``workers``), any ``concurrent.futures.Executor``
+    or a ``dask.distributed.Client``, as for
+    :class:`~mlworkflow_async.TransformedDataset`.
     """
 
     parent: Dataset[K, V]
@@ -73,6 +79,8 @@ class FilteredDataset(Derived[K, V]):
         keep_positive: bool = True,
         *,
         buffer_size: int = 256,
+        executor: Any = None,
+        workers: int | None = None,
     ) -> None:
         arity = positional_arity(predicate)
         if arity not in (1, 2):
@@ -85,6 +93,7 @@ class FilteredDataset(Derived[K, V]):
         if buffer_size < 0:
             raise ValueError(f"buffer_size must be at least 0, got {buffer_size}")
         self.parent = parent
+        self._pool = worker_pool(executor, workers)
         self.predicate = predicate
         self.keep_positive = bool(keep_positive)
         #: True when the predicate judges ``(key, item)`` pairs, False for keys only.
@@ -124,7 +133,15 @@ class FilteredDataset(Derived[K, V]):
         """Keep or not, for a batch of keys (and their items, for a pair predicate)."""
         columns: tuple[Sequence[Any], ...] = (keys,) if items is None else (keys, items)
         results: list[Any] = []
-        if self._async:
+        if self._pool is not None and not (self._async and self._pool.in_threads):
+
+            def noted(exc: BaseException, index: int) -> None:
+                self._note(exc, keys[index])
+
+            results = await self._pool.run_batch(
+                self.predicate, list(zip(*columns, strict=True)), keys=keys, on_error=noted
+            )
+        elif self._async:
 
             async def one(index: int) -> Any:
                 try:

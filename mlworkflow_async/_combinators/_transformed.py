@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from types import CoroutineType
 from typing import Any, TypeVar
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 from .._core._callables import describe, is_async_callable
 from .._core._dataset import Dataset
 from .._core._engine import add_key_note, map_ordered
+from .._core._executors import worker_pool
 from ._derived import SameKeys
 
 __all__ = ["TransformedDataset"]
@@ -38,6 +40,14 @@ class TransformedDataset(SameKeys[K, V]):
     the whole batch in one pass, async ones concurrently. An exception raised
     by a transform propagates as it is, with notes naming the transform and
     the key.
+
+    ``executor`` runs the transforms elsewhere, a batch per hop: ``"thread"``
+    (a pool of ``workers`` threads, for work that releases the GIL; async
+    transforms stay on the loop), ``"process"`` (a pool of ``workers``
+    processes, for pure-Python work; lambdas, closures and async transforms
+    run there too), any ``concurrent.futures.Executor`` or a
+    ``dask.distributed.Client``. ``aclose()`` or ``async with`` closes a
+    pool made here.
     """
 
     batched_queries = True
@@ -46,8 +56,13 @@ class TransformedDataset(SameKeys[K, V]):
         self,
         parent: Dataset[K, Any],
         transforms: Iterable[Callable[[K, Any], Any]] = (),
+        executor: Any = None,
+        workers: int | None = None,
     ) -> None:
         self.parent = parent
+        self._pool = worker_pool(executor, workers)
+        # What the workers are handed, made once (a callable is pickled once per pool).
+        self._chains: list[tuple[list[Any], Callable[..., Any], bool]] | None = None
         # Whether each transform is async is decided once, here.
         self._steps: list[tuple[Callable[[K, Any], Any], bool]] = []
         self.add_transforms(transforms)
@@ -62,6 +77,7 @@ class TransformedDataset(SameKeys[K, V]):
         if not callable(transform):
             raise TypeError(f"a transform must be callable, got {type(transform).__name__}")
         self._steps.append((transform, is_async_callable(transform)))
+        self._chains = None
         return transform
 
     def add_transforms(self, transforms: Iterable[Callable[[K, Any], Any]]) -> None:
@@ -74,12 +90,49 @@ class TransformedDataset(SameKeys[K, V]):
     ) -> list[V]:
         keys = list(keys)
         items = await self._parent_items(keys, concurrency)
+        if self._pool is not None:
+            return await self._in_pool(keys, items)
         for transform, is_async in self._steps:
             if is_async:
                 items = await self._apply_async(transform, keys, items)
             else:
                 items = self._apply(transform, keys, items)
         return items
+
+    async def _in_pool(self, keys: list[K], items: list[Any]) -> list[Any]:
+        """The transforms over a batch, by the workers: consecutive steps in one hop."""
+        pool = self._pool
+        assert pool is not None
+        if self._chains is None:
+            self._chains = [
+                (steps, _AsyncChain(steps) if is_async else _Chain(steps), is_async)
+                for steps, is_async in self._hops(pool.in_threads)
+            ]
+        for steps, chain, is_async in self._chains:
+            if is_async and pool.in_threads:
+                for transform in steps:
+                    items = await self._apply_async(transform, keys, items)
+                continue
+
+            def noted(exc: BaseException, index: int) -> None:
+                add_key_note(exc, keys[index], self)
+
+            items = await pool.run_batch(
+                chain, list(zip(keys, items, strict=True)), keys=keys, on_error=noted
+            )
+        return items
+
+    def _hops(self, in_threads: bool) -> list[tuple[list[Callable[[K, Any], Any]], bool]]:
+        """The steps, grouped: threads take runs of plain steps; processes take all at once."""
+        if not in_threads:
+            return [([t for t, _ in self._steps], any(a for _, a in self._steps))]
+        hops: list[tuple[list[Callable[[K, Any], Any]], bool]] = []
+        for transform, is_async in self._steps:
+            if hops and hops[-1][1] == is_async:
+                hops[-1][0].append(transform)
+            else:
+                hops.append(([transform], is_async))
+        return hops
 
     def _apply(
         self, transform: Callable[[K, Any], Any], keys: list[K], items: list[Any]
@@ -122,3 +175,50 @@ class TransformedDataset(SameKeys[K, V]):
             f"transform {describe(transform)} returned a coroutine for key {found[0][0]!r}: "
             f"declare it `async def` so that the dataset awaits it"
         )
+
+
+class _Steps:
+    """Transforms applied in turn to one ``(key, item)``, wherever a worker calls them."""
+
+    def __init__(self, steps: list[Callable[[Any, Any], Any]]) -> None:
+        self.steps = steps
+        # For messages: the transforms that a dead worker was running.
+        self.__qualname__ = "transform" + ("s " if len(steps) > 1 else " ") + ", ".join(
+            map(describe, steps)
+        )
+
+
+class _Chain(_Steps):
+    def __call__(self, key: Any, item: Any) -> Any:
+        transform: Any = None
+        try:
+            for transform in self.steps:
+                item = transform(key, item)
+                if type(item) is CoroutineType:
+                    _reject_coroutine(transform, key, item)
+        except Exception as exc:
+            exc.add_note(f"raised by transform {describe(transform)}")
+            raise
+        return item
+
+
+class _AsyncChain(_Steps):
+    async def __call__(self, key: Any, item: Any) -> Any:
+        transform: Any = None
+        try:
+            for transform in self.steps:
+                item = transform(key, item)
+                if inspect.isawaitable(item):
+                    item = await item
+        except Exception as exc:
+            exc.add_note(f"raised by transform {describe(transform)}")
+            raise
+        return item
+
+
+def _reject_coroutine(transform: object, key: object, item: CoroutineType[Any, Any, Any]) -> None:
+    item.close()
+    raise TypeError(
+        f"transform {describe(transform)} returned a coroutine for key {key!r}: "
+        f"declare it `async def` so that the dataset awaits it"
+    )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import inspect
 import reprlib
 import threading
@@ -40,6 +41,7 @@ import anyio
 import anyio.to_thread
 
 from .._core._callables import describe, is_async_callable
+from .._core._executors import KINDS, worker_pool
 from .._core._portal import running_loop_library
 from ..exceptions import RunnerClosedError, UnsupportedBackendError
 from . import _wakeup
@@ -255,23 +257,6 @@ async def _wait_all(tasks: list[asyncio.Task[None]]) -> None:
         raise asyncio.CancelledError
 
 
-def _as_executor(executor: Any) -> cf.Executor | None:
-    if executor is None or isinstance(executor, cf.Executor):
-        return executor
-    # A dask.distributed Client; by duck typing so that dask stays optional.
-    # Side work is usually not pure: identical calls must all run.
-    get_executor = getattr(executor, "get_executor", None)
-    if callable(get_executor):
-        made: cf.Executor = get_executor(pure=False)
-        return made
-    if callable(getattr(executor, "submit", None)):
-        return executor  # type: ignore[no-any-return]
-    raise TypeError(
-        f"executor must be a concurrent.futures.Executor or a dask.distributed Client, "
-        f"got {type(executor).__name__}"
-    )
-
-
 def not_a_function(what: str, f: object) -> TypeError:
     """The error for ``do``/``run_async`` given something that cannot be called."""
     if inspect.iscoroutine(f):
@@ -304,9 +289,9 @@ class SideRunner:
       background, up to ``in_advance`` items ahead of the ``async for``.
 
     ``f`` may be an ``async def`` function (awaited on the loop) or a plain
-    function (run in a worker thread, or submitted to ``executor`` when one
-    is given: any ``concurrent.futures.Executor``, or a
-    ``dask.distributed.Client``).
+    function (run in a worker thread, or handed to ``executor`` when one is
+    given: ``"thread"`` or ``"process"`` for a pool of ``pool_size`` of them,
+    any ``concurrent.futures.Executor``, or a ``dask.distributed.Client``).
 
     Leaving the block waits for the work still queued or going. An error in
     the block, or cancellation of the enclosing scope, cancels it instead:
@@ -330,7 +315,11 @@ class SideRunner:
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be an integer of at least 1, got {pool_size!r}")
         self.pool_size = pool_size
-        self.executor = _as_executor(executor)
+        # Plain functions go to this pool when an executor is given; a pool
+        # made from "thread" or "process" has pool_size workers.
+        self._pool = worker_pool(executor, pool_size if executor in KINDS else None)
+        #: The executor given (for a Dask client, its executor), else None.
+        self.executor: cf.Executor | None = self._pool._given if self._pool else None
         self._session: _Session | None = None
 
     # -- opening and closing ----------------------------------------------
@@ -372,6 +361,8 @@ class SideRunner:
             self._session = None
             if session.wakeup:
                 _wakeup.release()
+            if self._pool is not None:
+                await self._pool.aclose()  # a pool made here; a given executor stays open
         failures = session.unreported_failures()
         if not failures:
             return
@@ -576,9 +567,12 @@ class SideRunner:
         fn, args, kwargs = run._fn, run._args, run._kwargs or _NO_KWARGS
         if is_async_callable(fn):
             return await fn(*args, **kwargs)
-        executor = self.executor
-        if executor is not None:
-            return await _in_executor(executor, fn, args, kwargs)
+        pool = self._pool
+        if pool is not None:
+            call = functools.partial(fn, **kwargs) if kwargs else fn
+            # Nothing outlives the runner: a call already running is waited for.
+            [result] = await pool.run_batch(call, [args], wait_running=True)
+            return result
         result = await _in_thread(fn, args, kwargs, session.limiter)
         if inspect.isawaitable(result):
             result = await result
@@ -628,16 +622,3 @@ def _threads_refused(exc: RuntimeError) -> bool:
         t.name == "AnyIO worker thread" for t in threading.enumerate()
     )
 
-
-async def _in_executor(
-    executor: cf.Executor, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    future = executor.submit(fn, *args, **kwargs)
-    try:
-        return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        if not future.cancel():
-            # Already running elsewhere: wait, so that nothing outlives the runner.
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([asyncio.wrap_future(future)])
-        raise

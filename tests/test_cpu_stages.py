@@ -1,0 +1,294 @@
+"""CPU stages: combinators whose callables run in worker threads, processes or a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from mlworkflow_async import (
+    AugmentedDataset,
+    Dataset,
+    DictDataset,
+    FilteredDataset,
+    TransformedDataset,
+    WorkerDiedError,
+)
+
+from .conftest import wait_until
+
+EXECUTORS = [None, "thread", "process"]
+
+
+def tenfold(key: int, item: int) -> int:
+    return item * 10
+
+
+def plus_key(key: int, item: int) -> int:
+    return item + key
+
+
+def even_item(key: int, item: int) -> bool:
+    return item % 2 == 0
+
+
+def fail_on_7(key: int, item: int) -> int:
+    if key == 7:
+        raise ValueError(f"cannot take {key}")
+    return item
+
+
+def die_on_9(key: int, item: int) -> int:
+    if key == 9:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item
+
+
+class Pairs(AugmentedDataset[Any, Any]):
+    """Two children per root; ``scale`` is set at construction and travels with augment."""
+
+    def __init__(self, parent: Dataset[Any, Any], scale: int, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.scale = scale
+
+    def augment(self, root_key: Any, root_item: Any) -> Iterator[tuple[Any, Any]]:
+        yield (root_key, 0), (root_item * self.scale, os.getpid())
+        yield (root_key, 1), (-root_item * self.scale, os.getpid())
+
+
+class AsyncPairs(AugmentedDataset[Any, Any]):
+    async def augment(self, root_key: Any, root_item: Any) -> AsyncIterator[tuple[Any, Any]]:
+        await asyncio.sleep(0)
+        yield (root_key, "a"), root_item
+        yield (root_key, "b"), root_item + 0.5
+
+
+async def collect(ds: Any, batch_size: int = 8, **kwargs: Any) -> list[Any]:
+    return [item async for _, batch in ds.batches(batch_size, collate_fn=list, **kwargs)
+            for item in batch]
+
+
+@pytest.fixture(scope="module")
+def parent() -> DictDataset[int, int]:
+    return DictDataset({k: k for k in range(40)})
+
+
+# -- the same results wherever callables run ------------------------------
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_transformed_keeps_order_wherever_it_runs(
+    executor: str | None, parent: DictDataset[int, int]
+) -> None:
+    workers = 2 if executor else None
+    async with TransformedDataset(
+        parent, [tenfold, plus_key], executor=executor, workers=workers
+    ) as ds:
+        assert await collect(ds) == [11 * k for k in range(40)]
+        assert await ds.query_items([5, 1]) == [55, 11]
+        assert await ds.query_item(3) == 33
+        # A second epoch reuses the pool.
+        assert await collect(ds, batch_size=5) == [11 * k for k in range(40)]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_filtered_pairs_wherever_they_run(
+    executor: str | None, parent: DictDataset[int, int]
+) -> None:
+    async with FilteredDataset(parent, even_item, executor=executor) as ds:
+        assert list(await ds.keys.all()) == list(range(0, 40, 2))
+        assert await collect(ds) == list(range(0, 40, 2))
+    numpy_bools = FilteredDataset(
+        parent, lambda k, v: np.bool_(v < 3), executor="process", workers=1
+    )
+    async with numpy_bools:
+        assert await collect(numpy_bools) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+async def test_augmented_children_come_back(
+    executor: str | None, parent: DictDataset[int, int]
+) -> None:
+    async with Pairs(parent, 3, executor=executor) as ds:
+        keys = await ds.keys.all()
+        assert list(keys[:4]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        items = await collect(ds)
+        assert [value for value, _ in items] == [s * 3 * k for k in range(40) for s in (1, -1)]
+        pids = {pid for _, pid in items}
+        if executor == "process":
+            assert os.getpid() not in pids
+        else:
+            assert pids == {os.getpid()}
+        # Queried without discovery first: roots are fetched and augmented again.
+        fresh = Pairs(parent, 2, executor=executor)
+        assert [v for v, _ in await fresh.query_items([(4, 1), (2, 0)])] == [-8, 4]
+        await fresh.aclose()
+
+
+async def test_lambdas_closures_and_async_callables_in_processes(
+    parent: DictDataset[int, int],
+) -> None:
+    offset = 1000
+
+    async def shifted(key: int, item: int) -> int:
+        await asyncio.sleep(0)
+        return item + offset
+
+    async with TransformedDataset(
+        parent, [lambda k, v: v * 2, shifted, plus_key], executor="process", workers=2
+    ) as ds:
+        assert await collect(ds) == [3 * k + 1000 for k in range(40)]
+    async with AsyncPairs(parent, executor="process", workers=2) as pairs:
+        assert (await collect(pairs))[:4] == [0, 0.5, 1, 1.5]
+
+
+async def test_mixed_steps_with_threads_run_async_ones_on_the_loop(
+    parent: DictDataset[int, int],
+) -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, bool]] = []
+
+    def plain(key: int, item: int) -> int:
+        seen.append(("plain", threading.get_ident() == loop_thread))
+        return item + 1
+
+    async def awaited(key: int, item: int) -> int:
+        seen.append(("async", threading.get_ident() == loop_thread))
+        return item * 2
+
+    async with TransformedDataset(parent, [plain, awaited], executor="thread", workers=2) as ds:
+        assert await ds.query_items([1, 2, 3]) == [4, 6, 8]
+    assert {s for s in seen if s[0] == "plain"} == {("plain", False)}
+    assert {s for s in seen if s[0] == "async"} == {("async", True)}
+
+
+async def test_a_given_executor_is_used_and_left_open(parent: DictDataset[int, int]) -> None:
+    with cf.ThreadPoolExecutor(2) as given:
+        ds = TransformedDataset(parent, [tenfold], executor=given)
+        assert await collect(ds) == [10 * k for k in range(40)]
+        await ds.aclose()
+        assert given.submit(abs, -2).result() == 2  # not ours to shut down
+
+
+# -- bounds, early exit, failures ------------------------------------------
+
+
+class Probe(Dataset[int, int]):
+    """Counts fetches in flight."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.active = self.max_active = 0
+
+    def yield_keys(self) -> range:
+        return range(self.n)
+
+    async def query_item(self, key: int) -> int:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(0)
+            return key
+        finally:
+            self.active -= 1
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_the_stream_bound_holds(executor: str) -> None:
+    probe = Probe(120)
+    async with TransformedDataset(probe, [tenfold], executor=executor, workers=2) as ds:
+        assert await collect(ds, batch_size=6, concurrency=12) == [10 * k for k in range(120)]
+    assert 1 <= probe.max_active <= 12
+
+
+async def test_leaving_a_stream_early_cancels_queued_work(parent: DictDataset[int, int]) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def held(key: int, item: int) -> int:
+        calls.append(key)
+        assert gate.wait(10)
+        return item
+
+    ds = TransformedDataset(parent, [held], executor="thread", workers=1)
+    stream = ds.batches(4, collate_fn=list, concurrency=16)
+    first = asyncio.create_task(stream.__anext__())
+    await wait_until(lambda: len(calls) == 1)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await stream.aclose()
+    gate.set()
+    await ds.aclose()  # waits for the item running
+    # The running chunk stopped after its item; the chunks queued never ran.
+    assert calls == [0]
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_a_failure_names_key_and_transform_with_the_worker_traceback(
+    executor: str, parent: DictDataset[int, int]
+) -> None:
+    async with TransformedDataset(parent, [tenfold, fail_on_7], executor=executor) as ds:
+        with pytest.raises(ValueError, match="cannot take 7") as info:
+            await collect(ds)
+        notes = "\n".join(info.value.__notes__)
+        assert "raised by transform fail_on_7" in notes
+        assert "key 7" in notes
+        if executor == "process":
+            assert "fail_on_7" in str(info.value.__cause__)
+        assert await ds.query_items([1]) == [10]  # the pool goes on
+
+
+async def test_a_failing_predicate_and_augment_in_processes(
+    parent: DictDataset[int, int],
+) -> None:
+    def judge(key: int, item: int) -> bool:
+        if key == 5:
+            raise LookupError("no verdict")
+        return True
+
+    async with FilteredDataset(parent, judge, executor="process", workers=2) as ds:
+        with pytest.raises(LookupError) as info:
+            await ds.keys.all()
+        assert "key 5" in "\n".join(info.value.__notes__)
+
+    class Broken(AugmentedDataset[Any, Any]):
+        def augment(self, root_key: Any, root_item: Any) -> Any:
+            if root_key == 3:
+                raise KeyError("no children")
+            yield (root_key, 0), root_item
+
+    async with Broken(parent, executor="process", workers=2) as broken:
+        with pytest.raises(KeyError) as error:
+            await broken.keys.all()
+        assert "root key 3" in "\n".join(error.value.__notes__)
+
+
+async def test_a_killed_worker_names_the_key_and_the_next_stream_works(
+    parent: DictDataset[int, int],
+) -> None:
+    async with TransformedDataset(parent, [die_on_9], executor="process", workers=2) as ds:
+        with pytest.raises(WorkerDiedError, match=r"die_on_9 on key 9"):
+            await collect(ds)
+        survivors = TransformedDataset(parent, [tenfold], executor=ds._pool)
+        assert await collect(survivors) == [10 * k for k in range(40)]
+
+
+async def test_aclose_closes_the_pools_of_the_whole_chain(parent: DictDataset[int, int]) -> None:
+    inner = FilteredDataset(parent, even_item, executor="process", workers=1)
+    outer = TransformedDataset(inner, [lambda k, v: os.getpid()], executor="process", workers=1)
+    async with outer:
+        pids = set(await collect(outer))
+        assert os.getpid() not in pids
+        assert all(psutil.pid_exists(pid) for pid in pids)
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert inner._pool is not None
+    assert inner._pool._owned is None
