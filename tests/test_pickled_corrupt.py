@@ -272,7 +272,7 @@ def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.M
     import vanishing_keys  # type: ignore[import-not-found]
 
     path = tmp_path / "ids.pkl"
-    write_file(path, {vanishing_keys.Id(1): "one"})
+    write_file(path, {vanishing_keys.Id(1): "one"}, version=1)  # keys unpickled at open
     monkeypatch.delitem(sys.modules, "vanishing_keys")
     sys.path.remove(str(tmp_path))  # as in a process that never had it
     with pytest.raises(KeyClassNotFoundError, match=r"ids\.pkl need the module "
@@ -287,7 +287,7 @@ def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.M
 
 def test_key_class_missing_from_its_module(tmp_path: Path) -> None:
     path = tmp_path / "ids.pkl"
-    write_file(path, {"a": 1})
+    write_file(path, {"a": 1}, version=1)
 
     def renamed(index: dict[str, Any]) -> None:
         index["keys"] = [Key("a", 1)]

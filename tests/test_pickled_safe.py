@@ -218,7 +218,7 @@ def test_keys_are_counted_before_they_are_built(tmp_path: Path) -> None:
     from .test_pickled_corrupt import rebuild_index
 
     path = tmp_path / "keys.pkl"
-    asyncio.run(PickledDataset.create(DictDataset({"a": 1}), path))
+    asyncio.run(PickledDataset.create(DictDataset({"a": 1}), path, format_version=1))
     rebuild_index(path, lambda index: index.update(keys=range(20_000_000)))
     assert path.stat().st_size < 400
     with pytest.raises(UnsafePickleError, match=r"builtins\.range"):
