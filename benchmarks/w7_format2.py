@@ -34,10 +34,8 @@ from typing import Any
 import numpy as np
 
 from mlworkflow_async import DictDataset, PickledDataset
-from mlworkflow_async._core import _collate
 from mlworkflow_async._store._format import ItemPickler
 from mlworkflow_async._store._format2 import Encoder2, header2, key_bytes
-from mlworkflow_async._store._reads2 import Reader2
 from mlworkflow_async._store._writes import AtomicFile
 
 from ._data import small_items
@@ -262,7 +260,8 @@ async def _sum_rows(batch: Any) -> None:
         await asyncio.sleep(0)
 
 
-async def _our_batches(path: str, keys: list[int], into_place: bool) -> tuple[float, float]:
+async def _our_batches(path: str, keys: list[int]) -> tuple[float, float]:
+    """GB/s of ``batches(8)`` (each array read into place) with the same sums; the worst lag."""
     lag = _Lag()
     ticker = asyncio.create_task(lag.run())
     total = 0
@@ -270,31 +269,9 @@ async def _our_batches(path: str, keys: list[int], into_place: bool) -> tuple[fl
         await asyncio.sleep(0.01)
         lag.worst = 0.0
         with Timer() as t:
-            if into_place:
-                collate = _collate.DEFAULT_COLLATE
-                reader = ds._reader
-                assert isinstance(reader, Reader2)
-
-                async def fetch(chunk: list[int]) -> Any:
-                    if collate is not None:
-                        return await ds.query_batch(chunk, collate)
-                    entries = reader.locate(chunk)
-                    size = reader.into_place_plan(entries)
-                    assert size is not None
-                    return await reader.query_batch_into_place(chunk, entries, size)
-
-                chunks = [keys[i:i + 8] for i in range(0, len(keys), 8)]
-                ahead = asyncio.create_task(fetch(chunks[0]))
-                for index in range(len(chunks)):
-                    batch = await ahead
-                    if index + 1 < len(chunks):
-                        ahead = asyncio.create_task(fetch(chunks[index + 1]))
-                    total += batch.nbytes
-                    await _sum_rows(batch)
-            else:
-                async for _, batch in ds.batches(8, keys=keys):
-                    total += batch.nbytes
-                    await _sum_rows(batch)
+            async for _, batch in ds.batches(8, keys=keys):
+                total += batch.nbytes
+                await _sum_rows(batch)
     ticker.cancel()
     return total / t.seconds / 1e9, lag.worst
 
@@ -308,15 +285,12 @@ def _batch_rows(folder: str, quick: bool, rounds: int) -> list[Row]:
     keys = list(range(n))
     random.Random(2).shuffle(keys)
     _limit_batches(path, keys)  # into the page cache
-    limit, engine, into, engine_lag, into_lag = [], [], [], [], []
+    limit, engine, engine_lag = [], [], []
     for _ in range(rounds):
         limit.append(_limit_batches(path, keys))
-        rate, worst = asyncio.run(_our_batches(path, keys, False))
+        rate, worst = asyncio.run(_our_batches(path, keys))
         engine.append(rate)
         engine_lag.append(worst)
-        rate, worst = asyncio.run(_our_batches(path, keys, True))
-        into.append(rate)
-        into_lag.append(worst)
     mapped_all, mapped_copied = [], []
     for _ in range(rounds):
         for verify, out in (("all", mapped_all), ("copied", mapped_copied)):
@@ -325,13 +299,9 @@ def _batch_rows(folder: str, quick: bool, rounds: int) -> list[Row]:
                     ds.sync.query_item(key)
             out.append(t.seconds)
     return [
-        Row("W7 batches(8) of 8 MB float32 arrays, sum each", "GB/s", max(engine), max(limit),
-            "os.preadv into one buffer + sums", 0.9),
-        Row("W7 same, batches read into place (query_batch)", "GB/s", max(into), max(limit),
-            "os.preadv into one buffer + sums", 0.9),
+        Row("W7 batches(8) of 8 MB float32 arrays (read into place), sum each", "GB/s",
+            max(engine), max(limit), "os.preadv into one buffer + sums", 0.9),
         Row("W7 same, worst loop lag during batches(8)", "ms", min(engine_lag) * 1e3, 20.0,
-            "limit", 1.0, higher_is_better=False),
-        Row("W7 same, worst loop lag reading into place", "ms", min(into_lag) * 1e3, 20.0,
             "limit", 1.0, higher_is_better=False),
         Row("W7 mmap=True, first read of every array, checked", "s", min(mapped_all),
             min(mapped_copied), 'verify="copied" (mapped arrays unchecked)', None,

@@ -225,7 +225,12 @@ class Index2:
     def locate(self, key: Any) -> Entry2:
         """The entry of ``key``; ``KeyError`` if it is not in the file."""
         try:
-            pickled = key_bytes(key)
+            if type(key) is int:  # the common case, without a call to key_bytes
+                pickled = pickle.dumps(key, 5)
+                if pickled[2] == 0x95:
+                    pickled = pickled[:2] + pickled[11:]
+            else:
+                pickled = key_bytes(key)
             return self.entry(self.find(pickled, key))
         except (KeyError, pickle.PicklingError, TypeError, AttributeError, RecursionError):
             try:
