@@ -57,7 +57,7 @@ def _original(items: dict[int, Any], path: str) -> float:
 
 
 def run(quick: bool) -> list[Row]:
-    n = 50_000 if quick else 200_000
+    n = 20_000 if quick else 200_000
     rounds = 2 if quick else 3
     items = {key: _item(key) for key in range(n)}
     subclass, dict_ds, original = [], [], []
