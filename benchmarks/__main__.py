@@ -18,10 +18,13 @@ from ._table import Row, render
 
 WORKLOADS = [
     "w1_chain",
+    "w1b_torch_chain",
     "w2_io_batches",
     "w3_pickled_reads",
     "w4_pickled_create",
+    "w4b_create_subclass",
     "w5_loop_lag",
+    "w5b_collate_lag",
     "w6_side_runner",
     "w7_format2",
     "w_cpu_stages",
