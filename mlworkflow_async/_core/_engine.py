@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -225,7 +226,8 @@ class Engine(Generic[K]):
         # Made by _start(), inside the event loop that runs the stream.
         # Made only when someone waits: events are the cost of a wait, not of a unit.
         self._progress: anyio.Event | None = None
-        self._room: anyio.Event | None = None
+        # Workers waiting for room, woken one at a time (see _wait_for_room).
+        self._room_waiters: deque[anyio.Event] = deque()
         self._all_ended: anyio.Event
 
     # -- the consumer side -------------------------------------------------
@@ -290,10 +292,8 @@ class Engine(Generic[K]):
         stats = self.stats
         stats.batches += 1
         stats.items += len(unit.keys) - len(unit.left_out)
-        room = self._room
-        if room is not None:
-            self._room = None
-            room.set()
+        if self._room_waiters:
+            self._room_waiters.popleft().set()
         return unit
 
     def _skip_done(self, index: int) -> int:
@@ -317,6 +317,7 @@ class Engine(Generic[K]):
     def cancel(self) -> None:
         """Cancel the workers without waiting (safe from ``__del__``)."""
         self._closed = self._stopping = True
+        self._wake_all_waiters()
         for task in self._tasks:
             with contextlib.suppress(RuntimeError):  # the loop may be closed
                 task.cancel()
@@ -368,6 +369,7 @@ class Engine(Generic[K]):
         if self._error is None or unit < self._error[0]:
             self._error = (unit, exc)
         self._stopping = True
+        self._wake_all_waiters()
         self._tell_consumer()
 
     def _wake(self, unit: Unit[K]) -> None:
@@ -381,10 +383,32 @@ class Engine(Generic[K]):
             progress.set()
 
     async def _wait_for_room(self) -> None:
-        room = self._room
-        if room is None:
-            room = self._room = anyio.Event()
-        await room.wait()
+        """Wait until a unit is handed out; then pass the wake-up on while room is left.
+
+        Waking every waiter at each hand-out would cost a wake-up per waiting
+        worker (most finding the room taken already); one woken worker that
+        claims and finds room left wakes the next, so I/O-bound workers all
+        get going and a worker that never suspends fills the room alone.
+        """
+        room = anyio.Event()
+        self._room_waiters.append(room)
+        try:
+            await room.wait()
+        except BaseException:
+            if not room.is_set():
+                self._room_waiters.remove(room)
+            elif self._room_waiters:  # pass on the wake-up this worker will not use
+                self._room_waiters.popleft().set()
+            raise
+
+    def _pass_room_on(self, position: int) -> None:
+        if self._room_waiters and self._claimable(position):
+            self._room_waiters.popleft().set()
+
+    def _wake_all_waiters(self) -> None:
+        waiters = self._room_waiters
+        while waiters:
+            waiters.popleft().set()
 
     def _claimable(self, position: int) -> bool:
         return position < self._head * self._size + self._window
@@ -433,6 +457,8 @@ class Engine(Generic[K]):
                 return None
             unit = Unit(index, keys)
             self._units[index] = unit
+            if self._bulk:
+                self._pass_room_on((index + 2) * size - 1)
             return unit
         return None
 
@@ -444,6 +470,7 @@ class Engine(Generic[K]):
             if unit is not None and offset < len(unit.keys):
                 if self._claimable(unit.index * size + offset):
                     self._filled = offset + 1
+                    self._pass_room_on(unit.index * size + offset + 1)
                     return unit, offset
                 await self._wait_for_room()
                 continue
