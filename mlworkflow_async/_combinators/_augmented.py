@@ -7,7 +7,7 @@ from abc import abstractmethod
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .._core._callables import is_async_callable
 from .._core._dataset import Dataset
@@ -194,9 +194,29 @@ class AugmentedDataset(Derived[K, V]):
                 len(root_keys),
                 self,
             )
-        # A plain generator never suspends: one root after the other, no task.
-        augment_one = self._augment_one
-        return [await augment_one(key, item) for key, item in zip(root_keys, items, strict=True)]
+        return self._augment_all(root_keys, items)
+
+    def _augment_all(self, root_keys: list[Any], items: list[Any]) -> list[dict[K, V]]:
+        """Plain ``augment``: every root of the batch in C-level passes, no await per root."""
+        made: list[list[tuple[K, V]]] = []
+        try:
+            augment = cast(Callable[[Any, Any], Iterable[tuple[K, V]]], self.augment)
+            made.extend(map(list, map(augment, root_keys, items)))
+        except Exception as exc:
+            root_key, root_item = root_keys[len(made)], items[len(made)]
+            result = self.augment(root_key, root_item)
+            if not isinstance(result, Iterable):
+                error = self._not_pairs(result)
+                self._note(error, root_key)
+                raise error from None
+            self._note(exc, root_key)
+            raise
+        groups = list(map(dict, made))
+        if sum(map(len, groups)) != sum(map(len, made)) or not self._roots_checked:
+            # A repeated child key, or the first root to check against root_key().
+            for root_key, pairs in zip(root_keys, made, strict=True):
+                self._children(root_key, pairs)
+        return groups
 
     async def _augment_in_pool(
         self, pool: WorkerPool, root_keys: list[Any], items: list[Any]
