@@ -195,6 +195,9 @@ class Engine(Generic[K]):
         self._max_failures = max_failures
         self._drop_incomplete = drop_incomplete
         self.stats = stats if stats is not None else StreamStats()
+        # Only a stream's engine counts retries; an inner one (a combinator
+        # fetching its parent) leaves them to the stream it works for.
+        self._counts_retries = stats is not None
         self.failures: list[Failure[K]] = []
         size = order.batch_size
         self._size = size
@@ -251,9 +254,6 @@ class Engine(Generic[K]):
             if unit is not None:
                 if waited_from is not None:
                     self.stats.head_wait += time.perf_counter() - waited_from
-                if self._drop_incomplete and len(unit.keys) < self._size:
-                    await self.aclose()
-                    raise StopAsyncIteration
                 return self._hand_out(unit)
             error = self._error
             if error is not None and (not self._ordered or error[0] <= self._head):
@@ -353,7 +353,7 @@ class Engine(Generic[K]):
                 self._all_ended.set()
 
     async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
-        stats = current_stats.set(self.stats)
+        token = current_stats.set(self.stats) if self._counts_retries else None
         try:
             await work()
         except self._cancelled:
@@ -361,7 +361,8 @@ class Engine(Generic[K]):
         except BaseException as exc:  # a failure of the engine or of a key source
             self._fail(self._next, exc)
         finally:
-            current_stats.reset(stats)
+            if token is not None:
+                current_stats.reset(token)
 
     def _fail(self, unit: int, exc: BaseException) -> None:
         if self._error is None or unit < self._error[0]:
@@ -416,6 +417,10 @@ class Engine(Generic[K]):
                     pending.set()
             self._next = index + 1
             if len(keys) < size:
+                if self._drop_incomplete:
+                    # The short last unit is dropped unfetched, and cannot end
+                    # a completion-order stream before the units still in flight.
+                    keys = []
                 self._end = index + 1 if keys else index
                 self._progress.set()  # a consumer may be waiting for the end
             if not keys:

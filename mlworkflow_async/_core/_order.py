@@ -112,7 +112,10 @@ class StreamSpec:
     drop_incomplete: bool
     ordered: bool
 
-    def state(self, position: int, done: Iterable[int], keys: dict[str, Any]) -> dict[str, Any]:
+    def state(
+        self, position: int, done: Iterable[int], keys: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The JSON-serialisable state at ``position``; ``keys`` None before any key is read."""
         return {
             "format": STATE_FORMAT,
             "batch_size": self.batch_size,
@@ -132,20 +135,24 @@ class StreamSpec:
             raise ResumeError(
                 f"resume= takes the dict returned by stream.state_dict(), got {state!r:.100}"
             )
-        mine = self.state(0, (), {})
-        for name in ("batch_size", "shuffle", "epoch", "shard", "drop_incomplete", "ordered"):
-            theirs = state.get(name)
-            if theirs != mine[name]:
-                raise ResumeError(
-                    f"cannot resume: the saved stream had {name}={theirs!r}, but this one "
-                    f"has {name}={mine[name]!r}; pass the same arguments as the saved stream"
-                )
+        mine = self.state(0, (), None)
+        differences = [
+            f"{name}={state.get(name)!r} (now {name}={mine[name]!r})"
+            for name in ("batch_size", "shuffle", "epoch", "shard", "drop_incomplete", "ordered")
+            if state.get(name) != mine[name]
+        ]
+        if differences:
+            raise ResumeError(
+                f"cannot resume: the saved stream had {', '.join(differences)}; pass the "
+                f"same arguments as the saved stream"
+            )
         position, done = state.get("position"), state.get("done")
         if (
             type(position) is not int
             or position < 0
             or not isinstance(done, list)
             or not all(type(u) is int and u > position for u in done)
+            or (state.get("keys") is None and (position or done))
         ):
             raise ResumeError(f"cannot resume: the saved position is malformed ({state!r:.200})")
         return position, frozenset(done)
@@ -181,6 +188,7 @@ class KnownOrder(Generic[K]):
             self.count = len(range(self.rank, n, self.world))
             self.units = -(-self.count // batch_size)
         self._permute = Permutation(n, seed, epoch) if seed is not None and n > 1 else None
+        self._fingerprint: dict[str, Any] | None = None
 
     def unit_keys(self, unit: int) -> list[K]:
         """The keys of unit ``unit``, in order; empty past the end."""
@@ -197,15 +205,15 @@ class KnownOrder(Generic[K]):
         return [keys[i] for i in positions.tolist()]
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"count": len(self.keys), "fingerprint": fingerprint(self.keys)}
+        """The count and digest of the keys (computed once: the key list never changes)."""
+        if self._fingerprint is None:
+            self._fingerprint = {"count": len(self.keys), "fingerprint": fingerprint(self.keys)}
+        return self._fingerprint
 
     def check_keys(self, saved: Any) -> None:
-        mine = self.fingerprint()
-        if saved != mine:
-            raise ResumeError(
-                f"cannot resume: the keys changed since the state was saved (then "
-                f"{_describe(saved)}, now {_describe(mine)})"
-            )
+        """Raise :class:`ResumeError` unless ``saved`` (or None: nothing read) matches."""
+        if saved is not None:
+            _check_same(saved, self.fingerprint())
 
 
 class StreamedOrder(Generic[K]):
@@ -279,21 +287,29 @@ class StreamedOrder(Generic[K]):
         return {"count": count, "fingerprint": fingerprint(known, count)}
 
     async def check_keys(self, saved: Any) -> None:
+        """Raise :class:`ResumeError` unless the keys handed out before match ``saved``."""
+        if saved is None:
+            return
         if not isinstance(saved, dict) or type(saved.get("count")) is not int:
             raise ResumeError(f"cannot resume: the saved keys are malformed ({saved!r:.100})")
         if self._seq is None:
             return  # a plain iterable cannot be checked without reading it twice
         count = saved["count"]
         await self._seq.fill_to(count)
-        mine = self.fingerprint(count)
-        if mine != saved:
-            raise ResumeError(
-                f"cannot resume: the keys changed since the state was saved (then "
-                f"{_describe(saved)}, now {_describe(mine)})"
-            )
+        _check_same(saved, self.fingerprint(count))
 
 
-def _describe(keys: Any) -> str:
-    if not isinstance(keys, dict):
-        return repr(keys)
-    return f"{keys.get('count')} keys with fingerprint {keys.get('fingerprint')}"
+def _check_same(saved: Any, mine: dict[str, Any]) -> None:
+    if not isinstance(saved, dict) or set(saved) != {"count", "fingerprint"}:
+        raise ResumeError(f"cannot resume: the saved keys are malformed ({saved!r:.100})")
+    if saved == mine:
+        return
+    if saved["count"] != mine["count"]:
+        what = f"there were {saved['count']} keys, there are {mine['count']} now"
+    else:
+        what = f"the {mine['count']} keys are not the same ones (fingerprint "
+        what += f"{saved['fingerprint']} then, {mine['fingerprint']} now)"
+    raise ResumeError(
+        f"cannot resume: the dataset's keys changed since the state was saved: {what}; "
+        f"a saved stream resumes only over the keys it was started with"
+    )
