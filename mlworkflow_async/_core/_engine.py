@@ -13,8 +13,10 @@ order (:mod:`._order`) defines, fetched by a fixed set of worker tasks:
   ``concurrency // batch_size`` units in flight.
 
 Workers claim positions in order and never further than
-``2 * concurrency + batch_size`` items past the first unit not handed out,
-which bounds what waits in memory. Units are handed out in order
+``2 * concurrency + batch_size`` items past the first unit not handed out
+(in completion order: past the items handed out, and at most ``SPAN``
+such windows past the first unit not handed out), which bounds what waits
+in memory and what a saved state holds. Units are handed out in order
 (``ordered=True``) or as they complete. On a failure the engine either
 stops (``on_error="raise"``: every unit before the failing one is still
 handed out, then its exception, with a note naming the key) or leaves the
@@ -53,6 +55,10 @@ R = TypeVar("R")
 YIELD_AFTER = 0.001
 
 OnError = Literal["raise", "skip"]
+
+#: In completion order, how many windows past a unit still in flight
+#: workers may claim: a slow item holds back nothing until then.
+SPAN = 8
 
 #: The statistics of the stream whose worker is running, for layers that
 #: count on its behalf (retries).
@@ -376,7 +382,14 @@ class Engine(Generic[K]):
             self._progress.set()
 
     def _claimable(self, position: int) -> bool:
-        return position < self._head * self._size + self._window
+        size, window = self._size, self._window
+        if self._ordered:
+            return position < self._head * size + window
+        # In completion order the window counts the items not handed out
+        # yet, so a slow item holds back only its own unit; the span behind
+        # it still bounds the units done past the head (the saved state).
+        handed_out = (self._head + len(self._done)) * size
+        return position < min(handed_out + window, self._head * size + SPAN * window)
 
     def _next_index(self) -> int:
         index = self._next
