@@ -173,3 +173,13 @@ def test_numpy_integers_are_accepted_as_a_shard() -> None:
 def test_wrong_shuffle_arguments_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(TypeError, match=message):
         DictDataset({1: 1}).batches(2, **options)
+
+
+def test_the_demo_shows_a_shuffled_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    from mlworkflow_async.__main__ import main
+
+    assert main(["demo", "--items", "800"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "shuffle=0" in x)
+    counts = json.loads(line[line.index("[") : line.index("]") + 1])
+    assert sum(counts) == 64
+    assert sum(1 for c in counts if c) >= 5  # not all one label, as a plain order would be
