@@ -6,9 +6,9 @@ whatever the number of keys, so a stream can start at any unit: that is what
 makes resuming exact and cheap. A :class:`StreamedOrder` reads keys as they
 are discovered, for datasets whose keys are not all known yet.
 
-Shuffling uses a keyed bijection of ``[0, n)`` (a Feistel network over the
-next power of four, walking cycles back into range), evaluated a batch at a
-time with numpy: no shuffled copy of the indices is ever made, and the same
+Shuffling uses a keyed bijection of ``[0, n)`` (a Feistel-like network
+over a grid of about ``sqrt(n) x sqrt(n)``, see :class:`Permutation`),
+evaluated a batch at a time with numpy: no shuffled copy of the indices is ever made, and the same
 seed and epoch give the same order in every process and on every machine.
 
 >>> order = KnownOrder(list("abcdefghij"), batch_size=4, seed=7, epoch=0)
@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ __all__ = ["KnownOrder", "Permutation", "StreamedOrder", "StreamSpec", "fingerpr
 
 K = TypeVar("K")
 
-_ROUNDS = 6
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_ROUNDS = 8
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S1, _S2 = np.uint64(30), np.uint64(31)
 #: Keys sampled (evenly spaced) to fingerprint a key list in constant time.
 _SAMPLE = 64
 STATE_FORMAT = "mlworkflow_async.batches/1"
@@ -47,6 +50,12 @@ STATE_FORMAT = "mlworkflow_async.batches/1"
 class Permutation:
     """A bijection of ``range(n)`` chosen by ``(seed, epoch)``, computed on the fly.
 
+    ``x`` is read as a pair ``(left, right)`` in ``[0, a) x [0, b)`` with
+    ``a * b`` just above ``n`` (``a`` about ``sqrt(n)``); each round adds a
+    keyed hash of one half to the other, modulo its range, which is
+    invertible whatever the hash. Values that land in ``[n, a * b)`` (a
+    fraction of about ``2 / sqrt(n)``) walk on until they are back in range.
+
     >>> p = Permutation(10, seed=3, epoch=1)
     >>> sorted(p(np.arange(10)).tolist()) == list(range(10))
     True
@@ -54,35 +63,45 @@ class Permutation:
     np.True_
     """
 
-    __slots__ = ("_half", "_keys", "_mask", "n")
+    __slots__ = ("_a", "_b", "_keys", "n")
 
     def __init__(self, n: int, seed: int, epoch: int) -> None:
         self.n = n
-        bits = max(2, (n - 1).bit_length())
-        self._half = (bits + 1) // 2
-        self._mask = np.uint64((1 << self._half) - 1)
+        self._a = math.isqrt(max(n - 1, 0)) + 1
+        self._b = max(1, -(-n // self._a))
         digest = hashlib.blake2b(
             f"{seed}/{epoch}".encode(), digest_size=8 * _ROUNDS, person=b"mlwa-shuffle"
         ).digest()
-        self._keys = np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+        self._keys = [np.uint64(k) for k in np.frombuffer(digest, dtype="<u8").tolist()]
 
     def _once(self, x: np.ndarray) -> np.ndarray:
-        half, mask = np.uint64(self._half), self._mask
-        left, right = x >> half, x & mask
-        shift = np.uint64(64 - self._half)
-        for key in self._keys:
-            mixed = ((right ^ key) * _MULTIPLIER) >> shift
-            left, right = right, left ^ (mixed & mask)
-        out: np.ndarray = (left << half) | right
+        a, b = np.uint64(self._a), np.uint64(self._b)
+        left: np.ndarray = x // b
+        right: np.ndarray = x % b
+        for i, key in enumerate(self._keys):
+            if i % 2:
+                right = (right + _mix(left, key) % b) % b
+            else:
+                left = (left + _mix(right, key) % a) % a
+        out: np.ndarray = left * b + right
         return out
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         out = self._once(positions.astype(np.uint64))
         outside = out >= self.n
-        while outside.any():  # cycle walking: at most a few rounds, the domain is < 4n
+        while outside.any():  # rare: the domain exceeds n by about 2 * sqrt(n)
             out[outside] = self._once(out[outside])
             outside = out >= self.n
         return out.astype(np.int64)
+
+
+def _mix(v: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A keyed 64-bit hash of every value of ``v`` (multiply and xor-shift)."""
+    z = (v ^ key) * _M1  # wraps modulo 2**64, as intended
+    z ^= z >> _S1
+    z *= _M2
+    z ^= z >> _S2
+    return z
 
 
 def fingerprint(keys: Sequence[Any], count: int | None = None) -> str:
