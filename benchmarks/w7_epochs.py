@@ -126,5 +126,5 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory() as folder:
         rows = _shuffled(folder, 20_000, rounds)
         rows += _resume(folder, 1_000_000, 10_000, 3 * rounds)  # cheap: take the best of more
-    rows += _completion_order(3_000 if quick else 10_000, rounds)
+    rows += _completion_order(2_000 if quick else 4_000, 2)  # seconds each: 2 rounds
     return rows
