@@ -23,7 +23,8 @@ WORKLOADS = [
     "w4_pickled_create",
     "w5_loop_lag",
     "w6_side_runner",
-    "w7_epochs",
+    "w7_format2",
+    "w8_epochs",
 ]
 
 

@@ -16,15 +16,23 @@ from ._core._adapters import from_sync
 from ._core._collate import batchify, chunkify
 from ._core._dataset import Dataset
 from ._core._dict_dataset import DictDataset
+from ._core._engine import Failure, StreamStats
+from ._core._keys import KeySequence
+from ._core._stream import BatchStream
 from ._core._subset import Subset
-from ._runner._side_runner import SideRunner
+from ._runner._prefetch import Prefetcher
+from ._runner._side_runner import RunHandle, SideRunner
 from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
+    ItemCountError,
     KeysNotReadyError,
+    MlworkflowAsyncError,
     PickledFileError,
+    ResumeError,
     RunnerClosedError,
     SyncInLoopError,
+    TooManyFailuresError,
     UnpicklableItemError,
     UnsafePickleError,
     UnsupportedVersionError,
@@ -32,19 +40,29 @@ from .exceptions import (
 
 __all__ = [
     "AugmentedDataset",
+    "BatchStream",
     "CachedDataset",
     "CorruptFileError",
     "Dataset",
     "DictDataset",
+    "Failure",
     "FilteredDataset",
+    "ItemCountError",
+    "KeySequence",
     "KeysNotReadyError",
+    "MlworkflowAsyncError",
     "PickledDataset",
     "PickledFileError",
+    "Prefetcher",
+    "ResumeError",
     "RetryingDataset",
+    "RunHandle",
     "RunnerClosedError",
     "SideRunner",
+    "StreamStats",
     "Subset",
     "SyncInLoopError",
+    "TooManyFailuresError",
     "TransformedDataset",
     "UnpicklableItemError",
     "UnsafePickleError",
@@ -53,3 +71,4 @@ __all__ = [
     "chunkify",
     "from_sync",
 ]
+

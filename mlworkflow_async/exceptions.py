@@ -7,6 +7,7 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     ├── KeysNotReadyError (RuntimeError)
     ├── SyncInLoopError (RuntimeError)
     ├── RunnerClosedError (RuntimeError)
+    ├── UnsupportedBackendError (RuntimeError)
     ├── ItemCountError (RuntimeError)
     ├── TooManyFailuresError (RuntimeError)
     ├── ResumeError (ValueError)
@@ -14,7 +15,8 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     └── PickledFileError (OSError)
         ├── CorruptFileError
         ├── UnsupportedVersionError
-        └── UnsafePickleError
+        ├── UnsafePickleError
+        └── KeyClassNotFoundError
 
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
@@ -29,6 +31,7 @@ from typing import Any
 __all__ = [
     "CorruptFileError",
     "ItemCountError",
+    "KeyClassNotFoundError",
     "KeysNotReadyError",
     "MlworkflowAsyncError",
     "PickledFileError",
@@ -37,6 +40,7 @@ __all__ = [
     "SyncInLoopError",
     "TooManyFailuresError",
     "UnpicklableItemError",
+    "UnsupportedBackendError",
     "UnsafePickleError",
     "UnsupportedVersionError",
 ]
@@ -59,6 +63,14 @@ class SyncInLoopError(MlworkflowAsyncError, RuntimeError):
 
     Blocking there would freeze the loop, so the blocking facades refuse.
     Use the async API (``await ...`` / ``async for ...``) instead.
+    """
+
+
+class UnsupportedBackendError(MlworkflowAsyncError, RuntimeError):
+    """An asyncio-only part of the library was used under another async backend.
+
+    ``SideRunner`` runs on asyncio: use it under ``asyncio.run(...)`` or
+    ``anyio.run(...)`` with its default asyncio backend, not under trio.
     """
 
 
@@ -161,6 +173,15 @@ class UnsupportedVersionError(PickledFileError):
     """The file was written by a newer version of mlworkflow-async.
 
     Upgrade the library to read it.
+    """
+
+
+class KeyClassNotFoundError(PickledFileError):
+    """The keys (or context) of the file are of a class that cannot be imported here.
+
+    The message names the module or class the file needs: install or import
+    the package that defines it (the one that wrote the file), then open the
+    file again.
     """
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -114,14 +118,16 @@ def leftovers(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
 
 
-def write_file(path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None) -> None:
-    """Write ``items`` (and ``context``) in this library's format."""
+def write_file(
+    path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None, version: int = 2
+) -> None:
+    """Write ``items`` (and ``context``) in this library's format (``version`` 1 or 2)."""
     from mlworkflow_async import DictDataset
 
     source = DictDataset(items)
     if context is not None:
         source.context = context  # type: ignore[attr-defined]
-    asyncio.run(PickledDataset.create(source, path))
+    asyncio.run(PickledDataset.create(source, path, format_version=version))
 
 
 def write_original_file(
@@ -134,3 +140,43 @@ def write_original_file(
     if context is not None:
         source._context = context  # where the original looks for it
     mlworkflow.PickledDataset.create(source, str(path))
+
+
+READER_SCRIPT = Path(__file__).parent / "scripts" / "read_files.py"
+
+
+def read_in_subprocess(
+    files: list[Path], folder: Path, names: list[str] | None = None, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """Read each file in every mode in a child process (see ``scripts/read_files.py``).
+
+    Returns one ``{"outcomes": {mode: outcome}, "messages": [...]}`` per file.
+    A crash or a hang fails with the name (``names[i]``, else the path) of the
+    file and the mode being read, taken from the child's progress file.
+    """
+    job = folder / f"job-{os.getpid()}-{len(list(folder.glob('job-*')))}.json"
+    progress = job.with_suffix(".progress")
+    job.write_text(json.dumps({"files": [str(f) for f in files], "progress": str(progress)}))
+    try:
+        child = subprocess.run(
+            [sys.executable, str(READER_SCRIPT), str(job)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        failure = None if child.returncode == 0 else (
+            f"exit status {child.returncode}: {child.stderr[-2000:]}"
+        )
+    except subprocess.TimeoutExpired:
+        child, failure = None, f"no answer after {timeout} s"
+    if failure is not None:
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        where = "before reading anything"
+        if lines and lines[-1] == "done":
+            where = "after reading every file (at exit)"
+        elif lines:
+            index, mode = lines[-1].split(" ", 1)
+            name = names[int(index)] if names else str(files[int(index)])
+            where = f"while reading {name} ({mode})"
+        raise AssertionError(f"the reading process failed {where}: {failure}")
+    assert child is not None
+    results: list[dict[str, Any]] = json.loads(child.stdout)["results"]
+    return results

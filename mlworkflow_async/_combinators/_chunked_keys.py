@@ -19,7 +19,6 @@ querying them does the work once.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -31,6 +30,8 @@ from collections.abc import (
 )
 from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
+
+import anyio
 
 from .._core._keys import KeySequence
 from ._memo import MISSING, _Missing
@@ -67,7 +68,7 @@ class ChunkedKeySequence(KeySequence[K]):
         if pulling is not None:
             await pulling.wait()
             return
-        pulling = self._pulling = asyncio.Event()
+        pulling = self._pulling = anyio.Event()
         try:
             # The base types its source as yielding keys; this one yields chunks.
             source = cast(AsyncIterator[Sequence[K]], self._aiter)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from itertools import compress
+from itertools import compress, islice
 from operator import not_
 from types import CoroutineType
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ V = TypeVar("V")
 # keys come quickly, larger later to amortise the per-step cost.
 _FIRST_CHUNK = 16
 _KEY_CHUNK = 1024
-# Accepted keys held for the queries that follow even with no reader: keys are light.
+# Accepted keys held for the queries that follow, even with no reader: keys are light.
 _VETTED_KEPT = 1 << 16
 
 
@@ -92,8 +93,8 @@ class FilteredDataset(Derived[K, V]):
         self._async = is_async_callable(predicate)
         # Items fetched to judge pairs, until their first query.
         self._pending: Discovered[K, V] = Discovered()
-        # Keys accepted by key discovery (values unused): not judged again.
-        self._vetted: Discovered[K, bool] = Discovered(minimum=_VETTED_KEPT)
+        # Keys accepted by key discovery, the latest ones: not judged again.
+        self._vetted: dict[K, None] = {}
 
     # -- judging ---------------------------------------------------------
 
@@ -178,7 +179,10 @@ class FilteredDataset(Derived[K, V]):
 
     async def _vet_keys(self, keys: Sequence[K]) -> list[K]:
         kept = list(compress(keys, await self._judge(keys, None)))
-        self._vetted.add(dict.fromkeys(kept, True), self.keys.reach)
+        vetted = self._vetted
+        vetted.update(dict.fromkeys(kept))
+        if len(vetted) > _VETTED_KEPT:  # forget the oldest quarter, in one C-level pass
+            deque(map(vetted.pop, list(islice(vetted, _VETTED_KEPT // 4))), maxlen=0)
         return kept
 
     async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
@@ -199,7 +203,7 @@ class FilteredDataset(Derived[K, V]):
         keys = list(keys)
         if not self.by_pairs:
             vetted = self._vetted
-            if not vetted.contains_all(keys):
+            if not all(map(vetted.__contains__, keys)):
                 unvetted = [key for key in keys if key not in vetted]
                 verdicts = await self._judge(unvetted, None)
                 if not all(verdicts):

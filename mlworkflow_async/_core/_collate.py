@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -64,11 +65,10 @@ def batchify(items: Sequence[Any], wrapper: Any = np.array) -> Any:
         return wrap([])
     first = items[0]
     if type(first) is dict:
-        # The common case, kept cheap: plain dicts with the same fields.
-        width = len(first)
+        # The common case, kept cheap (C-level passes): plain dicts with the same fields.
         try:
-            if all(len(item) == width for item in items):
-                return {name: wrap([item[name] for item in items]) for name in first}
+            if set(map(len, items)) == {len(first)}:
+                return {name: wrap(list(map(itemgetter(name), items))) for name in first}
         except (KeyError, TypeError):
             pass  # reported precisely below
     first_map = _as_mapping(first)

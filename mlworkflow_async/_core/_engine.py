@@ -232,8 +232,9 @@ class Engine(Generic[K]):
         self._running = 0
         self._cancelled: type[BaseException] = asyncio.CancelledError
         # Made by _start(), inside the event loop that runs the stream.
-        self._progress: anyio.Event
-        self._room: anyio.Event
+        # Made only when someone waits: events are the cost of a wait, not of a unit.
+        self._progress: anyio.Event | None = None
+        self._room: anyio.Event | None = None
         self._all_ended: anyio.Event
 
     # -- the consumer side -------------------------------------------------
@@ -274,6 +275,7 @@ class Engine(Generic[K]):
                 waited_from = time.perf_counter()
             progress = self._progress = anyio.Event()
             await progress.wait()
+            self._progress = None
 
     def _ready_unit(self) -> Unit[K] | None:
         if self._ordered:
@@ -295,8 +297,9 @@ class Engine(Generic[K]):
         stats.batches += 1
         stats.items += len(unit.keys) - len(unit.left_out)
         room = self._room
-        self._room = anyio.Event()
-        room.set()
+        if room is not None:
+            self._room = None
+            room.set()
         return unit
 
     def _skip_done(self, index: int) -> int:
@@ -330,8 +333,6 @@ class Engine(Generic[K]):
 
     def _start(self) -> None:
         self._started = True
-        self._progress = anyio.Event()
-        self._room = anyio.Event()
         self._keys_pending: anyio.Event | None = None
         library = _running_library()
         self._cancelled = anyio.get_cancelled_exc_class()
@@ -374,12 +375,23 @@ class Engine(Generic[K]):
         if self._error is None or unit < self._error[0]:
             self._error = (unit, exc)
         self._stopping = True
-        self._progress.set()
+        self._tell_consumer()
 
     def _wake(self, unit: Unit[K]) -> None:
         unit.ready = True
         if not self._ordered or unit.index == self._head:
-            self._progress.set()
+            self._tell_consumer()
+
+    def _tell_consumer(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            progress.set()
+
+    async def _wait_for_room(self) -> None:
+        room = self._room
+        if room is None:
+            room = self._room = anyio.Event()
+        await room.wait()
 
     def _claimable(self, position: int) -> bool:
         size, window = self._size, self._window
@@ -405,8 +417,7 @@ class Engine(Generic[K]):
             if self._end is not None and index >= self._end:
                 return None
             if not self._claimable(index * size + (size - 1 if self._bulk else 0)):
-                room = self._room
-                await room.wait()
+                await self._wait_for_room()
                 continue
             pending = self._keys_pending
             if pending is not None:  # another worker is reading the next keys
@@ -435,7 +446,7 @@ class Engine(Generic[K]):
                     # a completion-order stream before the units still in flight.
                     keys = []
                 self._end = index + 1 if keys else index
-                self._progress.set()  # a consumer may be waiting for the end
+                self._tell_consumer()  # a consumer may be waiting for the end
             if not keys:
                 return None
             unit = Unit(index, keys)
@@ -452,8 +463,7 @@ class Engine(Generic[K]):
                 if self._claimable(unit.index * size + offset):
                     self._filled = offset + 1
                     return unit, offset
-                room = self._room
-                await room.wait()
+                await self._wait_for_room()
                 continue
             # The next unit: wait for room here, not in _claim_unit, so that no
             # other worker registers a unit while this one waits (its keys
@@ -462,8 +472,7 @@ class Engine(Generic[K]):
             if self._end is not None and index >= self._end:
                 return None
             if not self._claimable(index * size):
-                room = self._room
-                await room.wait()
+                await self._wait_for_room()
                 continue
             pending = self._keys_pending
             if pending is not None:

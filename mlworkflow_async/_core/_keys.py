@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
 from collections.abc import (
@@ -15,6 +14,9 @@ from collections.abc import (
     Sized,
 )
 from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import anyio.lowlevel
 
 from ..exceptions import KeysNotReadyError
 
@@ -69,9 +71,9 @@ class KeySequence(Generic[K]):
         self._claimers: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._iter: Iterator[K] | None = None
         self._aiter: AsyncIterator[K] | None = None
-        self._aiter_loop: asyncio.AbstractEventLoop | None = None
+        self._aiter_loop: object = None  # the event loop (or trio run) iterating _aiter
         self._skip = 0
-        self._pulling: asyncio.Event | None = None
+        self._pulling: anyio.Event | None = None
 
     # -- state -----------------------------------------------------------
 
@@ -121,7 +123,7 @@ class KeySequence(Generic[K]):
 
     def __repr__(self) -> str:
         state = "complete" if self._done else "partial"
-        return f"<keys of {self._owner}: {len(self._cache)} known, {state}>"
+        return f"<mlworkflow_async.KeySequence of {self._owner}: {len(self._cache)} known, {state}>"
 
     def __iter__(self) -> Iterator[K]:
         raise TypeError(
@@ -247,7 +249,7 @@ class KeySequence(Generic[K]):
             # Another task is pulling; its key lands in the cache for us too.
             await pulling.wait()
             return
-        loop = asyncio.get_running_loop()
+        loop = anyio.lowlevel.current_token().native_token
         if self._aiter_loop is None:
             self._aiter_loop = loop
         elif self._aiter_loop is not loop:
@@ -257,7 +259,7 @@ class KeySequence(Generic[K]):
             self._restart()
             self._start()
             self._aiter_loop = loop
-        pulling = self._pulling = asyncio.Event()
+        pulling = self._pulling = anyio.Event()
         try:
             assert self._aiter is not None
             while True:

@@ -1,4 +1,4 @@
-"""W7: training epochs. Shuffled against sequential reads, resume time, completion order."""
+"""W8: training epochs. Shuffled against sequential reads, resume time, completion order."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ async def _epoch_rate(ds: PickledDataset, shuffle: int | None) -> float:
 
 
 def _shuffled(folder: str, n: int, rounds: int) -> list[Row]:
-    path = os.path.join(folder, "w7.pkl")
+    path = os.path.join(folder, "w8.pkl")
     asyncio.run(PickledDataset.create(DictDataset(small_items(n)), path))
 
     async def measure() -> tuple[float, float]:
@@ -41,7 +41,7 @@ def _shuffled(folder: str, n: int, rounds: int) -> list[Row]:
 
     shuffled, sequential = asyncio.run(measure())
     return [
-        Row(f"W7 PickledDataset epoch of {n:,} W3a items, batches(64, shuffle=0)",
+        Row(f"W8 PickledDataset epoch of {n:,} W3a items, batches(64, shuffle=0)",
             "items/CPU-s", shuffled, sequential, "the same epoch in file order", None),
     ]
 
@@ -56,7 +56,7 @@ async def _first_batch_seconds(ds: Any, **options: Any) -> float:
 
 
 def _resume(folder: str, n: int, at: int, rounds: int) -> list[Row]:
-    path = os.path.join(folder, "w7-keys.pkl")
+    path = os.path.join(folder, "w8-keys.pkl")
     asyncio.run(PickledDataset.create(DictDataset(dict.fromkeys(range(n), 0)), path))
 
     async def measure() -> tuple[float, float]:
@@ -74,10 +74,10 @@ def _resume(folder: str, n: int, at: int, rounds: int) -> list[Row]:
         return min(resumed), min(fresh)
 
     resumed, fresh = asyncio.run(measure())
-    name = f"W7 resume a shuffled {n:,}-key epoch at batch {at:,}: first batch"
+    name = f"W8 resume a shuffled {n:,}-key epoch at batch {at:,}: first batch"
     return [
         Row(name, "ms", resumed * 1000, 10.0, "the 10 ms budget", 1.0, higher_is_better=False),
-        Row("W7 same, against a fresh stream's first batch", "ms", resumed * 1000,
+        Row("W8 same, against a fresh stream's first batch", "ms", resumed * 1000,
             fresh * 1000, "batches(64, shuffle=0) from the start", None, higher_is_better=False),
     ]
 
@@ -116,7 +116,7 @@ def _completion_order(n: int, rounds: int) -> list[Row]:
 
     unordered, ordered = asyncio.run(measure())
     return [
-        Row(f"W7 batches(64, concurrency=128, ordered=False), {n:,} items, 1% 100x slower",
+        Row(f"W8 batches(64, concurrency=128, ordered=False), {n:,} items, 1% 100x slower",
             "items/s", unordered, ordered, "ordered=True", None),
     ]
 
