@@ -28,6 +28,7 @@ WORKLOADS = [
     "w6_side_runner",
     "w7_format2",
     "w_cpu_stages",
+    "w8_epochs",
 ]
 
 

@@ -5,11 +5,18 @@ The script generates a two-class dataset, caches it once in a
 gradient descent for a few epochs. The cache records the settings that
 generated it (``--items``, ``--features``, ``--separation``, ``--seed``) and
 is generated again when they change. Batches come from the dataset's blocking
-view, ``ds.batches(...)``, which loads the next items in the background;
-a blocking ``SideRunner`` prefetches the prepared batches one step further,
+view, ``ds.batches(..., shuffle=seed, epoch=e)``: a new order every epoch,
+the same in every run, with the next items loading in the background; a
+blocking ``SideRunner`` prefetches the prepared batches one step further,
 so the model update and the batch preparation overlap.
 
-    python examples/train_loop.py --data train.pickle --epochs 2
+With ``--checkpoint FILE`` the model is saved after every step together with
+the state of the batch stream (``stream.state_dict()``), atomically; a run
+killed at any point and started again with the same arguments continues at
+the very next batch, and trains on exactly the batches an uninterrupted run
+would. ``--log-keys FILE`` records the keys of every batch trained on.
+
+    python examples/train_loop.py --data train.pickle --epochs 2 --checkpoint ckpt.json
 
 It prints the mean loss and the accuracy of each epoch, then the accuracy of
 the final model on all the data.
@@ -18,6 +25,8 @@ the final model on all the data.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +39,8 @@ from mlworkflow_async import DictDataset
 from mlworkflow_async.exceptions import PickledFileError
 from mlworkflow_async.sync import PickledDataset, SideRunner, SyncView
 
-Batch = tuple[np.ndarray, np.ndarray]  # features and labels
+#: Features, labels, the keys of the batch, and the stream's state just after it.
+Batch = tuple[np.ndarray, np.ndarray, list[int], dict[str, Any]]
 #: The context entry of the cache file: the settings its data was generated with.
 GENERATED_WITH = "generated_with"
 
@@ -136,6 +146,45 @@ def _difference(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
     return "it holds other data (" + ", ".join(changed) + ")"
 
 
+class Checkpoint:
+    """Where training is: the model, the epoch, the batch stream's state, the history.
+
+    Saved as JSON (floats written exactly) to a temporary file renamed over
+    the last checkpoint, so that a killed process leaves the old one or the
+    new one, never half of one.
+    """
+
+    def __init__(self, features: int) -> None:
+        self.model = LogisticRegression(features)
+        self.epoch = 1
+        self.stream: dict[str, Any] | None = None  # None: at the start of the epoch
+        self.losses: list[float] = []  # of this epoch's steps so far
+        self.hits = 0
+        self.seen = 0
+        self.epoch_losses: list[float] = []
+        self.log_size = 0  # bytes of the key log that belong to the steps saved
+
+    def save(self, path: Path) -> None:
+        state = {
+            "w": self.model.w.tolist(), "b": self.model.b, "epoch": self.epoch,
+            "stream": self.stream, "losses": self.losses, "hits": self.hits,
+            "seen": self.seen, "epoch_losses": self.epoch_losses, "log_size": self.log_size,
+        }
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path, features: int) -> Checkpoint:
+        state = json.loads(path.read_text())
+        checkpoint = cls(features)
+        checkpoint.model.w = np.array(state["w"], dtype=np.float64)
+        checkpoint.model.b = state["b"]
+        for name in ("epoch", "stream", "losses", "hits", "seen", "epoch_losses", "log_size"):
+            setattr(checkpoint, name, state[name])
+        return checkpoint
+
+
 def train(
     ds: SyncView[int, Any],
     epochs: int,
@@ -143,36 +192,85 @@ def train(
     learning_rate: float,
     seed: int,
     report: Any = print,
+    checkpoint: Path | None = None,
+    log_keys: Path | None = None,
 ) -> tuple[list[float], float]:
-    """Train on ``ds``; return the mean loss of each epoch and the final accuracy."""
+    """Train on ``ds``; return the mean loss of each epoch and the final accuracy.
+
+    With ``checkpoint``, training starts from it if it exists and saves it
+    after every step; ``log_keys`` gets one JSON line of keys per step.
+    """
     keys = ds.keys.all()
     features = ds.query_item(keys[0])["x"].shape[0]
-    model = LogisticRegression(features)
-    rng = np.random.default_rng(seed)
-    epoch_losses: list[float] = []
-    with SideRunner(1) as side_runner:
-        for epoch in range(1, epochs + 1):
-            order = [keys[i] for i in rng.permutation(len(keys))]
-
-            def batch_generator(order: list[int] = order) -> Iterator[Batch]:
-                for _, batch in ds.batches(batch_size, keys=order, drop_incomplete=True):
-                    yield batch["x"].astype(np.float64), batch["y"]
-
-            losses, hits, seen = [], 0, 0
-            for x, y in side_runner.yield_async(batch_generator, in_advance=2):
-                loss, batch_hits = model.step(x, y, learning_rate)
-                losses.append(loss)
-                hits += batch_hits
-                seen += len(y)
-            epoch_losses.append(float(np.mean(losses)))
-            report(
-                f"epoch {epoch}/{epochs}: mean loss {epoch_losses[-1]:.4f} over "
-                f"{len(losses)} batches, training accuracy {hits / seen:.1%}"
-            )
+    if checkpoint is not None and checkpoint.exists():
+        state = Checkpoint.load(checkpoint, features)
+        report(f"resuming from {checkpoint}: epoch {state.epoch}, step {len(state.losses)}")
+    else:
+        state = Checkpoint(features)
+    log = None
+    if log_keys is not None:
+        log = open(log_keys, "ab")  # noqa: SIM115 (closed below, after every epoch)
+        # Steps logged after the last checkpoint are trained again: forget them.
+        log.truncate(state.log_size)
+    try:
+        with SideRunner(1) as side_runner:
+            while state.epoch <= epochs:
+                _train_epoch(ds, state, batch_size, learning_rate, seed, side_runner,
+                             checkpoint, log)
+                state.epoch_losses.append(float(np.mean(state.losses)))
+                report(
+                    f"epoch {state.epoch}/{epochs}: mean loss {state.epoch_losses[-1]:.4f} "
+                    f"over {len(state.losses)} batches, training accuracy "
+                    f"{state.hits / state.seen:.1%}"
+                )
+                state.epoch += 1
+                state.stream, state.losses, state.hits, state.seen = None, [], 0, 0
+                if checkpoint is not None:
+                    state.save(checkpoint)
+    finally:
+        if log is not None:
+            log.close()
     everything = ds.query(keys)
-    accuracy = model.accuracy(everything["x"].astype(np.float64), everything["y"])
+    accuracy = state.model.accuracy(everything["x"].astype(np.float64), everything["y"])
     report(f"final accuracy on all {len(keys)} items: {accuracy:.1%}")
-    return epoch_losses, accuracy
+    return state.epoch_losses, accuracy
+
+
+def _train_epoch(
+    ds: SyncView[int, Any],
+    state: Checkpoint,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    side_runner: SideRunner,
+    checkpoint: Path | None,
+    log: Any,
+) -> None:
+    """Train the rest of ``state.epoch``, from where ``state.stream`` says."""
+    epoch, resume = state.epoch, state.stream
+
+    def batch_generator() -> Iterator[Batch]:
+        stream = ds.batches(
+            batch_size, drop_incomplete=True, shuffle=seed, epoch=epoch, resume=resume
+        )
+        with stream:
+            for batch_keys, batch in stream:
+                # The state right after this batch travels with it: the
+                # prefetcher runs ahead, the checkpoint must not.
+                yield batch["x"].astype(np.float64), batch["y"], batch_keys, stream.state_dict()
+
+    for x, y, batch_keys, stream_state in side_runner.yield_async(batch_generator, in_advance=2):
+        loss, batch_hits = state.model.step(x, y, learning_rate)
+        state.losses.append(loss)
+        state.hits += batch_hits
+        state.seen += len(y)
+        state.stream = stream_state
+        if log is not None:
+            log.write((json.dumps(batch_keys) + "\n").encode())
+            log.flush()
+            state.log_size = log.tell()
+        if checkpoint is not None:
+            state.save(checkpoint)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -190,6 +288,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="save the model and the stream state here after every step; resume from it",
+    )
+    parser.add_argument(
+        "--log-keys", type=Path, default=None, help="append the keys of every batch to this file"
+    )
     args = parser.parse_args(argv)
     if min(args.items, args.features, args.epochs, args.batch_size) < 1:
         parser.error("--items, --features, --epochs and --batch-size must be at least 1")
@@ -206,7 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with PickledDataset(args.data) as ds:
-        train(ds, args.epochs, args.batch_size, args.learning_rate, args.seed)
+        train(
+            ds, args.epochs, args.batch_size, args.learning_rate, args.seed,
+            checkpoint=args.checkpoint, log_keys=args.log_keys,
+        )
     return 0
 
 

@@ -10,6 +10,7 @@
 from ._combinators._augmented import AugmentedDataset
 from ._combinators._cached import CachedDataset
 from ._combinators._filtered import FilteredDataset
+from ._combinators._retrying import RetryingDataset
 from ._combinators._transformed import TransformedDataset
 from ._core._adapters import from_sync
 from ._core._collate import batchify, chunkify
@@ -55,6 +56,7 @@ __all__ = [
     "PickledFileError",
     "Prefetcher",
     "ResumeError",
+    "RetryingDataset",
     "RunHandle",
     "RunnerClosedError",
     "SideRunner",

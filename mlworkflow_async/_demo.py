@@ -51,7 +51,9 @@ async def _stream(ds: Dataset[Reading, Any]) -> tuple[int, int, Any, float]:
     start = time.perf_counter()
     n_batches = n_items = 0
     first = None
-    async for keys, batch in ds.batches(BATCH, concurrency=CONCURRENCY):
+    # A seeded shuffle: the keys are sorted by sensor, a plain first batch
+    # would hold one label only.
+    async for keys, batch in ds.batches(BATCH, concurrency=CONCURRENCY, shuffle=0, epoch=0):
         n_batches += 1
         n_items += len(keys)
         if first is None:
@@ -77,9 +79,15 @@ async def _run(items: int, folder: str) -> bool:
     n_batches, n_items, first, elapsed = await _stream(pipeline)
     sequential = n_items * LATENCY
     print(
-        f"  batches  : {n_batches} batches of up to {BATCH} ({first['signal'].shape[1]} floats "
-        f"+ label) in {elapsed:.2f} s with {CONCURRENCY} fetches in flight; one at a time "
-        f"would take {sequential:.1f} s ({sequential / elapsed:.0f}x)"
+        f"  batches  : {n_batches} shuffled batches of up to {BATCH} "
+        f"({first['signal'].shape[1]} floats + label) in {elapsed:.2f} s with {CONCURRENCY} "
+        f"fetches in flight; one at a time would take {sequential:.1f} s "
+        f"({sequential / elapsed:.0f}x)"
+    )
+    labels = np.bincount(first["label"], minlength=sensors - 1).tolist()
+    print(
+        f"  shuffle  : batches({BATCH}, shuffle=0, epoch=0): the first batch holds "
+        f"{labels} items of sensors 0..{sensors - 2}, a new order each epoch"
     )
     path = os.path.join(folder, "readings.pkl")
     start = time.perf_counter()
@@ -103,10 +111,10 @@ def main(items: int = 2000) -> int:
         same = asyncio.run(_run(items, folder))
         # The blocking view runs the same code from a plain loop, no ``async``.
         with PickledDataset(os.path.join(folder, "readings.pkl")) as packed:
-            keys, batch = next(iter(packed.sync.batches(BATCH)))
+            keys, batch = next(iter(packed.sync.batches(BATCH, shuffle=0, epoch=0)))
         print(
             f"  blocking : ds.sync.batches() in a plain for loop: first batch keys "
-            f"{keys[0]}..{keys[-1]}, labels {sorted(set(batch['label'].tolist()))}; "
-            f"same data as the async stream: {same}"
+            f"{tuple(keys[0])}, {tuple(keys[1])}..., labels "
+            f"{sorted(set(batch['label'].tolist()))}; same data as the async stream: {same}"
         )
     return 0 if same else 1

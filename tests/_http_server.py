@@ -9,6 +9,11 @@ Two kinds of files misbehave on purpose, to test what a client leaves on
 disk: a *held* file's reply stops after half its body until ``release`` is
 set (``half_sent`` tells when it got there), and a *cut* file's connection
 closes after half its body, short of the length its headers promised.
+
+Two more play a flaky server: the first ``failing[name]`` requests of a
+file answer 503, and the first ``stalled[name]`` requests of a file wait for
+``release`` before answering (a client's timeout gives up first).
+``hits[name]`` counts the requests of each file.
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ class FileServer:
         delay: float,
         held: frozenset[str] = frozenset(),
         cut: frozenset[str] = frozenset(),
+        failing: dict[str, int] | None = None,
+        stalled: dict[str, int] | None = None,
     ) -> None:
         self.files = files
+        self.failing = dict(failing or {})
+        self.stalled = dict(stalled or {})
+        self.hits: dict[str, int] = {}
         self.delay = delay
         self.held = held
         self.cut = cut
@@ -55,11 +65,15 @@ class FileServer:
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
 
-    def enter(self) -> None:
+    def enter(self, name: str = "") -> int:
+        """Count a request of ``name``; returns how many of its requests came before."""
         with self._lock:
             self.active += 1
             self.requests += 1
             self.max_active = max(self.max_active, self.active)
+            before = self.hits.get(name, 0)
+            self.hits[name] = before + 1
+            return before
 
     def leave(self) -> None:
         with self._lock:
@@ -72,11 +86,13 @@ def _handler(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True  # headers and body go out as separate writes
 
         def do_GET(self) -> None:
-            state.enter()
+            name = self.path.lstrip("/")
+            before = state.enter(name)
             try:
                 time.sleep(state.delay)
-                name = self.path.lstrip("/")
                 body = state.files.get(name)
+                if before < state.stalled.get(name, 0):
+                    state.release.wait(60)
             finally:
                 # Before the reply is written: a client cannot start its next
                 # request while this one still counts, so the count never
@@ -84,6 +100,9 @@ def _handler(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
                 state.leave()
             if body is None:
                 self.send_error(404, explain=f"no such file: {self.path}")
+                return
+            if before < state.failing.get(name, 0):
+                self.send_error(503, explain="flaky on purpose")
                 return
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -124,12 +143,15 @@ def serve_files(
     delay: float = 0.003,
     held: Iterable[str] = (),
     cut: Iterable[str] = (),
+    failing: dict[str, int] | None = None,
+    stalled: dict[str, int] | None = None,
 ) -> Iterator[FileServer]:
     """Serve ``files`` (name -> bytes) on 127.0.0.1 for the duration of the block.
 
-    The names in ``held`` and ``cut`` misbehave as the module says.
+    The names in ``held``, ``cut``, ``failing`` and ``stalled`` misbehave as
+    the module says.
     """
-    state = FileServer(files, delay, frozenset(held), frozenset(cut))
+    state = FileServer(files, delay, frozenset(held), frozenset(cut), failing, stalled)
     server = _Server(("127.0.0.1", 0), _handler(state))
     state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 import tokenize
 from pathlib import Path
 
@@ -154,3 +158,84 @@ def test_the_script_has_no_async_code() -> None:
     tokens = tokenize.generate_tokens(io.StringIO(SCRIPT.read_text()).readline)
     keywords = {tok.string for tok in tokens if tok.type == tokenize.NAME}
     assert not keywords & {"async", "await"}
+
+
+def _run_until_killed(args: list[str], cwd: Path, log: Path, steps: int) -> None:
+    """Start the script, SIGKILL it once ``steps`` batches are logged."""
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_bytes().count(b"\n") >= steps):
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the script logged too few batches"
+            time.sleep(0.002)  # a bounded wait for the file to grow, not an ordering
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+# Kill points drawn once from a seeded generator: random, and the same every run.
+KILL_AT = random.Random(20261201).sample(range(1, 128), 3)
+
+
+TRAIN_ARGS = ["--data", "data.pickle", "--items", "1024", "--batch-size", "16", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str]:
+    """The batch keys and the output of a run that nothing interrupts."""
+    whole = tmp_path_factory.mktemp("whole")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *TRAIN_ARGS, "--log-keys", "keys.log"],
+        cwd=whole, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = (whole / "keys.log").read_text().splitlines()
+    assert len(expected) == 128  # 64 batches of 16 per epoch
+    assert expected[:64] != expected[64:]  # shuffled afresh each epoch
+    return expected, done.stdout
+
+
+@pytest.mark.parametrize("kill_at", KILL_AT)
+def test_killed_and_restarted_it_trains_on_exactly_the_same_batches(
+    tmp_path: Path, kill_at: int, uninterrupted: tuple[list[str], str]
+) -> None:
+    expected, output = uninterrupted
+    base = TRAIN_ARGS
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    args = [*base, "--log-keys", "keys.log", "--checkpoint", "ckpt.json"]
+    _run_until_killed(args, killed, killed / "keys.log", kill_at)
+    assert (killed / "ckpt.json").exists()
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=killed, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("using cached data")
+    assert "resuming from ckpt.json: epoch " in again.stdout
+    assert (killed / "keys.log").read_text().splitlines() == expected
+    # The model is the same too: its history and final accuracy match.
+    assert results(again.stdout)[1] == results(output)[1]
+    assert EPOCH.findall(again.stdout)[-1] == EPOCH.findall(output)[-1]
+
+
+def test_every_epoch_is_a_new_permutation_of_all_keys(tmp_path: Path) -> None:
+    data = tmp_path / "train.pickle"
+    log = tmp_path / "keys.log"
+    train_loop.prepare(data, items=256, features=4, separation=3.0, seed=0)
+    with blocking.PickledDataset(data) as ds:
+        train_loop.train(ds, epochs=3, batch_size=16, learning_rate=0.1, seed=5,
+                         report=lambda line: None, log_keys=log)
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    epochs = [[k for keys in steps[i * 16 : (i + 1) * 16] for k in keys] for i in range(3)]
+    for keys in epochs:
+        assert sorted(keys) == list(range(256))
+        assert keys != sorted(keys)
+    assert epochs[0] != epochs[1] != epochs[2]

@@ -13,8 +13,10 @@ order (:mod:`._order`) defines, fetched by a fixed set of worker tasks:
   ``concurrency // batch_size`` units in flight.
 
 Workers claim positions in order and never further than
-``2 * concurrency + batch_size`` items past the first unit not handed out,
-which bounds what waits in memory. Units are handed out in order
+``2 * concurrency + batch_size`` items past the first unit not handed out
+(in completion order: past the items handed out, and at most ``SPAN``
+such windows past the first unit not handed out), which bounds what waits
+in memory and what a saved state holds. Units are handed out in order
 (``ordered=True``) or as they complete. On a failure the engine either
 stops (``on_error="raise"``: every unit before the failing one is still
 handed out, then its exception, with a note naming the key) or leaves the
@@ -54,6 +56,10 @@ R = TypeVar("R")
 YIELD_AFTER = 0.001
 
 OnError = Literal["raise", "skip"]
+
+#: In completion order, how many windows past a unit still in flight
+#: workers may claim: a slow item holds back nothing until then.
+SPAN = 8
 
 #: The statistics of the stream whose worker is running, for layers that
 #: count on its behalf (retries).
@@ -196,6 +202,9 @@ class Engine(Generic[K]):
         self._max_failures = max_failures
         self._drop_incomplete = drop_incomplete
         self.stats = stats if stats is not None else StreamStats()
+        # Only a stream's engine counts retries; an inner one (a combinator
+        # fetching its parent) leaves them to the stream it works for.
+        self._counts_retries = stats is not None
         self.failures: list[Failure[K]] = []
         size = order.batch_size
         self._size = size
@@ -254,9 +263,6 @@ class Engine(Generic[K]):
             if unit is not None:
                 if waited_from is not None:
                     self.stats.head_wait += time.perf_counter() - waited_from
-                if self._drop_incomplete and len(unit.keys) < self._size:
-                    await self.aclose()
-                    raise StopAsyncIteration
                 return self._hand_out(unit)
             error = self._error
             if error is not None and (not self._ordered or error[0] <= self._head):
@@ -355,7 +361,7 @@ class Engine(Generic[K]):
                 self._all_ended.set()
 
     async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
-        stats = current_stats.set(self.stats)
+        token = current_stats.set(self.stats) if self._counts_retries else None
         try:
             await work()
         except self._cancelled:
@@ -363,7 +369,8 @@ class Engine(Generic[K]):
         except BaseException as exc:  # a failure of the engine or of a key source
             self._fail(self._next, exc)
         finally:
-            current_stats.reset(stats)
+            if token is not None:
+                current_stats.reset(token)
 
     def _fail(self, unit: int, exc: BaseException) -> None:
         if self._error is None or unit < self._error[0]:
@@ -411,7 +418,14 @@ class Engine(Generic[K]):
             waiters.popleft().set()
 
     def _claimable(self, position: int) -> bool:
-        return position < self._head * self._size + self._window
+        size, window = self._size, self._window
+        if self._ordered:
+            return position < self._head * size + window
+        # In completion order the window counts the items not handed out
+        # yet, so a slow item holds back only its own unit; the span behind
+        # it still bounds the units done past the head (the saved state).
+        handed_out = (self._head + len(self._done)) * size
+        return position < min(handed_out + window, self._head * size + SPAN * window)
 
     def _next_index(self) -> int:
         index = self._next
@@ -451,6 +465,10 @@ class Engine(Generic[K]):
                     pending.set()
             self._next = index + 1
             if len(keys) < size:
+                if self._drop_incomplete:
+                    # The short last unit is dropped unfetched, and cannot end
+                    # a completion-order stream before the units still in flight.
+                    keys = []
                 self._end = index + 1 if keys else index
                 self._tell_consumer()  # a consumer may be waiting for the end
             if not keys:

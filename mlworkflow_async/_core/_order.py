@@ -6,9 +6,9 @@ whatever the number of keys, so a stream can start at any unit: that is what
 makes resuming exact and cheap. A :class:`StreamedOrder` reads keys as they
 are discovered, for datasets whose keys are not all known yet.
 
-Shuffling uses a keyed bijection of ``[0, n)`` (a Feistel network over the
-next power of four, walking cycles back into range), evaluated a batch at a
-time with numpy: no shuffled copy of the indices is ever made, and the same
+Shuffling uses a keyed bijection of ``[0, n)`` (a Feistel-like network
+over a grid of about ``sqrt(n) x sqrt(n)``, see :class:`Permutation`),
+evaluated a batch at a time with numpy: no shuffled copy of the indices is ever made, and the same
 seed and epoch give the same order in every process and on every machine.
 
 >>> order = KnownOrder(list("abcdefghij"), batch_size=4, seed=7, epoch=0)
@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ __all__ = ["KnownOrder", "Permutation", "StreamedOrder", "StreamSpec", "fingerpr
 
 K = TypeVar("K")
 
-_ROUNDS = 6
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_ROUNDS = 8
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S1, _S2 = np.uint64(30), np.uint64(31)
 #: Keys sampled (evenly spaced) to fingerprint a key list in constant time.
 _SAMPLE = 64
 STATE_FORMAT = "mlworkflow_async.batches/1"
@@ -47,6 +50,12 @@ STATE_FORMAT = "mlworkflow_async.batches/1"
 class Permutation:
     """A bijection of ``range(n)`` chosen by ``(seed, epoch)``, computed on the fly.
 
+    ``x`` is read as a pair ``(left, right)`` in ``[0, a) x [0, b)`` with
+    ``a * b`` just above ``n`` (``a`` about ``sqrt(n)``); each round adds a
+    keyed hash of one half to the other, modulo its range, which is
+    invertible whatever the hash. Values that land in ``[n, a * b)`` (a
+    fraction of about ``2 / sqrt(n)``) walk on until they are back in range.
+
     >>> p = Permutation(10, seed=3, epoch=1)
     >>> sorted(p(np.arange(10)).tolist()) == list(range(10))
     True
@@ -54,35 +63,45 @@ class Permutation:
     np.True_
     """
 
-    __slots__ = ("_half", "_keys", "_mask", "n")
+    __slots__ = ("_a", "_b", "_keys", "n")
 
     def __init__(self, n: int, seed: int, epoch: int) -> None:
         self.n = n
-        bits = max(2, (n - 1).bit_length())
-        self._half = (bits + 1) // 2
-        self._mask = np.uint64((1 << self._half) - 1)
+        self._a = math.isqrt(max(n - 1, 0)) + 1
+        self._b = max(1, -(-n // self._a))
         digest = hashlib.blake2b(
             f"{seed}/{epoch}".encode(), digest_size=8 * _ROUNDS, person=b"mlwa-shuffle"
         ).digest()
-        self._keys = np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+        self._keys = [np.uint64(k) for k in np.frombuffer(digest, dtype="<u8").tolist()]
 
     def _once(self, x: np.ndarray) -> np.ndarray:
-        half, mask = np.uint64(self._half), self._mask
-        left, right = x >> half, x & mask
-        shift = np.uint64(64 - self._half)
-        for key in self._keys:
-            mixed = ((right ^ key) * _MULTIPLIER) >> shift
-            left, right = right, left ^ (mixed & mask)
-        out: np.ndarray = (left << half) | right
+        a, b = np.uint64(self._a), np.uint64(self._b)
+        left: np.ndarray = x // b
+        right: np.ndarray = x % b
+        for i, key in enumerate(self._keys):
+            if i % 2:
+                right = (right + _mix(left, key) % b) % b
+            else:
+                left = (left + _mix(right, key) % a) % a
+        out: np.ndarray = left * b + right
         return out
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         out = self._once(positions.astype(np.uint64))
         outside = out >= self.n
-        while outside.any():  # cycle walking: at most a few rounds, the domain is < 4n
+        while outside.any():  # rare: the domain exceeds n by about 2 * sqrt(n)
             out[outside] = self._once(out[outside])
             outside = out >= self.n
         return out.astype(np.int64)
+
+
+def _mix(v: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A keyed 64-bit hash of every value of ``v`` (multiply and xor-shift)."""
+    z = (v ^ key) * _M1  # wraps modulo 2**64, as intended
+    z ^= z >> _S1
+    z *= _M2
+    z ^= z >> _S2
+    return z
 
 
 def fingerprint(keys: Sequence[Any], count: int | None = None) -> str:
@@ -112,7 +131,10 @@ class StreamSpec:
     drop_incomplete: bool
     ordered: bool
 
-    def state(self, position: int, done: Iterable[int], keys: dict[str, Any]) -> dict[str, Any]:
+    def state(
+        self, position: int, done: Iterable[int], keys: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The JSON-serialisable state at ``position``; ``keys`` None before any key is read."""
         return {
             "format": STATE_FORMAT,
             "batch_size": self.batch_size,
@@ -132,20 +154,24 @@ class StreamSpec:
             raise ResumeError(
                 f"resume= takes the dict returned by stream.state_dict(), got {state!r:.100}"
             )
-        mine = self.state(0, (), {})
-        for name in ("batch_size", "shuffle", "epoch", "shard", "drop_incomplete", "ordered"):
-            theirs = state.get(name)
-            if theirs != mine[name]:
-                raise ResumeError(
-                    f"cannot resume: the saved stream had {name}={theirs!r}, but this one "
-                    f"has {name}={mine[name]!r}; pass the same arguments as the saved stream"
-                )
+        mine = self.state(0, (), None)
+        differences = [
+            f"{name}={state.get(name)!r} (now {name}={mine[name]!r})"
+            for name in ("batch_size", "shuffle", "epoch", "shard", "drop_incomplete", "ordered")
+            if state.get(name) != mine[name]
+        ]
+        if differences:
+            raise ResumeError(
+                f"cannot resume: the saved stream had {', '.join(differences)}; pass the "
+                f"same arguments as the saved stream"
+            )
         position, done = state.get("position"), state.get("done")
         if (
             type(position) is not int
             or position < 0
             or not isinstance(done, list)
             or not all(type(u) is int and u > position for u in done)
+            or (state.get("keys") is None and (position or done))
         ):
             raise ResumeError(f"cannot resume: the saved position is malformed ({state!r:.200})")
         return position, frozenset(done)
@@ -181,6 +207,7 @@ class KnownOrder(Generic[K]):
             self.count = len(range(self.rank, n, self.world))
             self.units = -(-self.count // batch_size)
         self._permute = Permutation(n, seed, epoch) if seed is not None and n > 1 else None
+        self._fingerprint: dict[str, Any] | None = None
 
     def unit_keys(self, unit: int) -> list[K]:
         """The keys of unit ``unit``, in order; empty past the end."""
@@ -197,15 +224,15 @@ class KnownOrder(Generic[K]):
         return [keys[i] for i in positions.tolist()]
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"count": len(self.keys), "fingerprint": fingerprint(self.keys)}
+        """The count and digest of the keys (computed once: the key list never changes)."""
+        if self._fingerprint is None:
+            self._fingerprint = {"count": len(self.keys), "fingerprint": fingerprint(self.keys)}
+        return self._fingerprint
 
     def check_keys(self, saved: Any) -> None:
-        mine = self.fingerprint()
-        if saved != mine:
-            raise ResumeError(
-                f"cannot resume: the keys changed since the state was saved (then "
-                f"{_describe(saved)}, now {_describe(mine)})"
-            )
+        """Raise :class:`ResumeError` unless ``saved`` (or None: nothing read) matches."""
+        if saved is not None:
+            _check_same(saved, self.fingerprint())
 
 
 class StreamedOrder(Generic[K]):
@@ -279,21 +306,29 @@ class StreamedOrder(Generic[K]):
         return {"count": count, "fingerprint": fingerprint(known, count)}
 
     async def check_keys(self, saved: Any) -> None:
+        """Raise :class:`ResumeError` unless the keys handed out before match ``saved``."""
+        if saved is None:
+            return
         if not isinstance(saved, dict) or type(saved.get("count")) is not int:
             raise ResumeError(f"cannot resume: the saved keys are malformed ({saved!r:.100})")
         if self._seq is None:
             return  # a plain iterable cannot be checked without reading it twice
         count = saved["count"]
         await self._seq.fill_to(count)
-        mine = self.fingerprint(count)
-        if mine != saved:
-            raise ResumeError(
-                f"cannot resume: the keys changed since the state was saved (then "
-                f"{_describe(saved)}, now {_describe(mine)})"
-            )
+        _check_same(saved, self.fingerprint(count))
 
 
-def _describe(keys: Any) -> str:
-    if not isinstance(keys, dict):
-        return repr(keys)
-    return f"{keys.get('count')} keys with fingerprint {keys.get('fingerprint')}"
+def _check_same(saved: Any, mine: dict[str, Any]) -> None:
+    if not isinstance(saved, dict) or set(saved) != {"count", "fingerprint"}:
+        raise ResumeError(f"cannot resume: the saved keys are malformed ({saved!r:.100})")
+    if saved == mine:
+        return
+    if saved["count"] != mine["count"]:
+        what = f"there were {saved['count']} keys, there are {mine['count']} now"
+    else:
+        what = f"the {mine['count']} keys are not the same ones (fingerprint "
+        what += f"{saved['fingerprint']} then, {mine['fingerprint']} now)"
+    raise ResumeError(
+        f"cannot resume: the dataset's keys changed since the state was saved: {what}; "
+        f"a saved stream resumes only over the keys it was started with"
+    )

@@ -107,8 +107,10 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
             self._close_bar()
             raise
         keys = unit.kept_keys()
-        if self._bar is not None:
-            self._bar.update(len(keys))
+        bar = self._bar
+        if bar is not None:
+            bar.set_postfix_str(f"{self._stats.batches} batches", refresh=False)
+            bar.update(len(keys))
         return keys, unit.batch
 
     async def _prepare(self) -> Engine[K]:
@@ -187,7 +189,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         if engine is None or order is None:
             if self._resume is not None:
                 return dict(self._resume)
-            return self._spec.state(0, (), {"count": 0, "fingerprint": None})
+            return self._spec.state(0, (), None)
         position = engine.position
         if isinstance(order, KnownOrder):
             keys = order.fingerprint()
