@@ -25,8 +25,10 @@ from .exceptions import (
     RunnerClosedError,
     SyncInLoopError,
     UnpicklableItemError,
+    UnpicklableSourceError,
     UnsafePickleError,
     UnsupportedVersionError,
+    WorkerLostError,
 )
 
 __all__ = [
@@ -45,8 +47,10 @@ __all__ = [
     "SyncInLoopError",
     "TransformedDataset",
     "UnpicklableItemError",
+    "UnpicklableSourceError",
     "UnsafePickleError",
     "UnsupportedVersionError",
+    "WorkerLostError",
     "batchify",
     "chunkify",
     "from_sync",

@@ -14,8 +14,10 @@ __all__ = [
     "RunnerClosedError",
     "SyncInLoopError",
     "UnpicklableItemError",
+    "UnpicklableSourceError",
     "UnsafePickleError",
     "UnsupportedVersionError",
+    "WorkerLostError",
 ]
 
 
@@ -88,4 +90,21 @@ class UnpicklableItemError(TypeError):
     """An item (or key, or context) could not be pickled while writing a file.
 
     The message names the key; the original error is the ``__cause__``.
+    """
+
+
+class UnpicklableSourceError(TypeError):
+    """A dataset given to ``PickledDataset.create(..., client=...)`` cannot go to the workers.
+
+    The dataset travels to worker processes pickled (with ``cloudpickle``);
+    the message names the attribute that cannot be pickled. Nothing was
+    written. The original error is the ``__cause__``.
+    """
+
+
+class WorkerLostError(RuntimeError):
+    """A worker process died while writing a shard of a sharded PickledDataset.
+
+    The message names the shard. The dataset previously in the folder, if
+    any, is left as it was; the files of the failed run are deleted.
     """

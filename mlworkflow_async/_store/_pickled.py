@@ -103,6 +103,15 @@ class PickledDataset(Dataset[Any, Any]):
 
     batched_queries = True
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledDataset:
+        # A folder (or a URL ending in "/") holds a sharded dataset.
+        if cls is PickledDataset:
+            from ._sharded import ShardedPickledDataset, is_sharded_location
+
+            if is_sharded_location(args[0] if args else kwargs.get("path")):
+                return object.__new__(ShardedPickledDataset)
+        return super().__new__(cls)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -132,6 +141,13 @@ class PickledDataset(Dataset[Any, Any]):
     ) -> PickledDataset:
         """Open ``path`` like the constructor, reading its index in a worker thread."""
         allow = tuple(allow)
+        if "://" in os.fspath(path) and cls is PickledDataset:
+            from ._sharded import ShardedPickledDataset, is_sharded_location
+
+            if is_sharded_location(path):
+                return await ShardedPickledDataset.open_sharded(
+                    path, mmap=mmap, safe=safe, allow=allow
+                )
 
         def construct() -> PickledDataset:
             return cls(path, mmap=mmap, safe=safe, allow=allow)
@@ -229,6 +245,8 @@ class PickledDataset(Dataset[Any, Any]):
         *,
         concurrency: int = 256,
         progress: bool = False,
+        shards: int | None = None,
+        client: Any = None,
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
@@ -251,10 +269,23 @@ class PickledDataset(Dataset[Any, Any]):
         ``progress=True`` shows a progress bar if ``tqdm`` is installed.
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
+
+        ``shards=N`` makes ``path`` a folder of ``N`` shard files and a
+        manifest, written in parallel on ``client``: a Dask ``Client``, a
+        ``concurrent.futures.Executor``, or ``"process"`` for a pool of
+        local processes; without ``client``, in this process. See
+        :mod:`mlworkflow_async._store._shard_writer`.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         dataset = _as_dataset(dataset)
+        if shards is not None or client is not None:
+            from ._shard_writer import create_sharded
+
+            return await create_sharded(
+                dataset, cast("str | os.PathLike[str]", path), keys, shards=shards,
+                client=client, concurrency=concurrency, progress=progress,
+            )
         source: Iterable[Any] | AsyncIterable[Any] = dataset.keys if keys is None else keys
         context = getattr(dataset, "context", None)
         if not isinstance(context, Mapping):
