@@ -111,8 +111,32 @@ async def _write_here(dataset: Dataset[Any, Any], task: _ShardTask, report: Repo
 def _write_shard(blob: bytes, task: _ShardTask, report: Report | None) -> ShardEntry:
     """Runs in a worker process: rebuild the dataset, write one shard, digest it."""
     dataset = pickle.loads(blob)
-    entry: ShardEntry = asyncio.run(_write_here(dataset, task, report))
+    try:
+        entry: ShardEntry = asyncio.run(_write_here(dataset, task, report))
+    except BaseException as exc:
+        _break_cycles(exc)
+        raise
     return entry
+
+
+def _break_cycles(exc: BaseException) -> None:
+    """Drop hidden or circular links of an exception's chain, so that it can be pickled.
+
+    An error re-raised out of an exception group keeps that group, which
+    holds the error itself, as its hidden ``__context__``: a cycle that
+    pickling tracebacks (as Dask does) cannot follow.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__suppress_context__ or (
+            current.__context__ is not None and id(current.__context__) in seen
+        ):
+            current.__context__ = None
+        if current.__cause__ is not None and id(current.__cause__) in seen:
+            current.__cause__ = None
+        current = current.__cause__ or current.__context__
 
 
 class _DaskReport:
@@ -238,7 +262,8 @@ class _DaskBackend(_Backend):
     async def start(
         self, blob: bytes, tasks: list[_ShardTask]
     ) -> list[asyncio.Future[ShardEntry]]:
-        data = await self._call(self.client.scatter, blob, hash=False)
+        # On every worker: a worker that dies must not take the only copy with it.
+        data = await self._call(self.client.scatter, blob, broadcast=True, hash=False)
         self.futures = [
             self.client.submit(
                 _write_shard, data, task, self.report,
@@ -340,18 +365,28 @@ def _drain(queue: Any, bar: Any) -> None:
             bar.update(count)
 
 
-def _backend(client: Any, run: str, shards: int, bar: Any) -> _Backend:
-    if client == "process":
-        return _ExecutorBackend(None, shards, bar)
-    if isinstance(client, concurrent.futures.Executor):
-        return _ExecutorBackend(client, shards, bar)
+def _is_dask_client(client: Any) -> bool:
     distributed = sys.modules.get("distributed")
-    if distributed is not None and isinstance(client, distributed.Client):
+    return distributed is not None and isinstance(client, distributed.Client)
+
+
+def _check_client(client: Any) -> None:
+    if not (
+        client is None
+        or (isinstance(client, str) and client == "process")
+        or isinstance(client, concurrent.futures.Executor)
+        or _is_dask_client(client)
+    ):
+        raise TypeError(
+            f"client must be a dask.distributed.Client, a concurrent.futures.Executor or "
+            f'"process", got {client!r}'
+        )
+
+
+def _backend(client: Any, run: str, shards: int, bar: Any) -> _Backend:
+    if _is_dask_client(client):
         return _DaskBackend(client, run, bar)
-    raise TypeError(
-        f"client must be a dask.distributed.Client, a concurrent.futures.Executor or "
-        f'"process", got {client!r}'
-    )
+    return _ExecutorBackend(None if isinstance(client, str) else client, shards, bar)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -374,6 +409,7 @@ async def create_sharded(
         raise ValueError(f"shards must be a positive int, got {shards!r}")
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"a sharded dataset is written to a folder path, got {folder!r}")
+    _check_client(client)
     out = os.path.join(os.getcwd(), os.fspath(folder))  # workers may have another cwd
     blob = b""
     if client is not None:  # before any work: a dataset that cannot travel fails now
@@ -419,6 +455,7 @@ async def _run(
 ) -> list[ShardEntry]:
     """Run the tasks; the first failure cancels the rest and is raised, naming its shard."""
     failed = True
+    waiting: list[asyncio.Future[ShardEntry]] = []
     try:
         waiting = await backend.start(blob, tasks)
         index_of = {future: index for index, future in enumerate(waiting)}
@@ -441,6 +478,11 @@ async def _run(
     finally:
         with anyio.CancelScope(shield=True):
             await backend.stop(failed)
+            for future in waiting:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # seen: the first failure is the one raised
     return [entry for entry in entries if entry is not None]
 
 
@@ -448,7 +490,7 @@ def _shard_failure(exc: BaseException, task: _ShardTask, out: str) -> BaseExcept
     where = f"shard {task.index} ({task.file}, {len(task.keys)} keys) of {out}"
     if isinstance(exc, BrokenProcessPool) or type(exc).__name__ == "KilledWorker":
         return WorkerLostError(
-            f"a worker process died while writing {where}: {exc}. The dataset at {out} was "
+            f"a worker process died while it held {where}: {exc}. The dataset at {out} was "
             f"left as it was; run create again (was a worker out of memory?)"
         )
     exc.add_note(f"while writing {where}; the dataset at {out} was left as it was")
