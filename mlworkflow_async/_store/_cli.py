@@ -86,6 +86,8 @@ def _info(args: argparse.Namespace) -> int:
         more = f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
         print(f"file:    {ds.path}")
         print(f"format:  {_describe_format(ds.format_version)}")
+        if hasattr(ds, "shard_files"):
+            print(f"shards:  {len(ds.shard_files)} files, with a manifest")
         print(f"items:   {len(keys)}")
         print(f"size:    {ds.file_size:,} bytes")
         print(f"keys:    {shown}{more}")
@@ -110,10 +112,18 @@ async def _first_broken(ds: Any) -> tuple[Any, BaseException] | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from ..exceptions import PickledFileError
+
     ds = _open(args.file, args.safe)
     if ds is None:
         return 1
     with ds:
+        if hasattr(ds, "check_files"):  # a sharded dataset: digests against its manifest
+            try:
+                ds.check_files()
+            except (PickledFileError, OSError) as damaged:
+                print(f"BROKEN: {damaged}")
+                return 1
         broken = asyncio.run(_first_broken(ds))
         if broken is not None:
             key, exc = broken
