@@ -486,6 +486,13 @@ class ShardedPickledDataset(PickledDataset):
             for p, item in zip(where, items, strict=True):
                 out[p] = item
 
+        if not self._location.remote:
+            # Local parts are mostly served from the page cache without
+            # suspending: one after the other costs less than a task each
+            # (batches() keeps several batches in flight for cold reads).
+            for index, where in positions.items():
+                await read(index, where)
+            return out
         try:
             async with anyio.create_task_group() as tg:
                 for index, where in positions.items():
