@@ -171,6 +171,38 @@ async def test_a_local_process_pool(tmp_path: Path) -> None:
     folder = tmp_path / "set"
     assert await PickledDataset.create(Numbers(N), folder, shards=3, client="process") == N
     await check_items(folder, N, 3)
+    before = (folder / "manifest.json").read_bytes()
+    with pytest.raises(WorkerLostError, match="died while it held shard"):
+        await PickledDataset.create(KillsItsWorker(N, at=10), folder, shards=2, client="process")
+    assert (folder / "manifest.json").read_bytes() == before
+    await check_items(folder, N, 3)  # and the failed run's files are gone
+
+
+async def test_the_context_goes_into_the_manifest_as_json(tmp_path: Path) -> None:
+    source = DictDataset({1: "a"})
+    source.context = {"split": "train", (1, 2): {"ratio": 0.5, "tags": ("a", 1)}, "f": len}  # type: ignore[attr-defined]
+    await PickledDataset.create(source, tmp_path / "set", shards=1)
+    assert manifest(tmp_path / "set")["context"] == {
+        "split": "train", "(1, 2)": {"ratio": 0.5, "tags": ["a", 1]}, "f": repr(len)
+    }
+    async with await PickledDataset.open(tmp_path / "set") as ds:
+        assert ds.context == source.context  # exactly, from the shards
+
+
+async def test_duplicate_keys_are_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="the key 2 is given twice"):
+        await PickledDataset.create(Numbers(5), tmp_path / "set", [1, 2, 3, 2], shards=2)
+    assert not (tmp_path / "set").exists()
+
+
+async def test_files_that_are_not_ours_are_left_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "shard-mine.pkl").write_bytes(b"user data")
+    await PickledDataset.create(Numbers(10), folder, shards=2)
+    await PickledDataset.create(Numbers(10), folder, shards=2)
+    assert (folder / "shard-mine.pkl").read_bytes() == b"user data"
+    assert len(os.listdir(folder)) == 4
 
 
 async def test_any_executor(tmp_path: Path) -> None:

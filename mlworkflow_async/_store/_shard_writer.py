@@ -66,8 +66,11 @@ def _shard_name(run: str, index: int) -> str:
     return f"shard-{run}-{index:05d}.pkl"
 
 
+_RUN = r"\d{8}T\d{6}-[0-9a-f]{8}"
+#: The files a run writes (shards and temporary files), and nothing a user would name so.
 _OURS = re.compile(
-    r"shard-.+\.pkl|\.shard-.+\.pkl\.[0-9a-f]+\.tmp|\.manifest\.json\.[0-9a-f]+\.tmp"
+    rf"shard-{_RUN}-\d{{5}}\.pkl|\.shard-{_RUN}-\d{{5}}\.pkl\.[0-9a-f]+\.tmp"
+    r"|\.manifest\.json\.[0-9a-f]+\.tmp"
 )
 
 
@@ -415,6 +418,7 @@ async def create_sharded(
     if client is not None:  # before any work: a dataset that cannot travel fails now
         blob = await anyio.to_thread.run_sync(_dumps, dataset)
     all_keys = await _key_list(dataset, keys)
+    _check_unique(all_keys)
     context = getattr(dataset, "context", None)
     if not isinstance(context, Mapping):
         context = None
@@ -505,6 +509,15 @@ async def _key_list(
     if isinstance(keys, AsyncIterable):
         return [key async for key in keys]
     return list(keys)
+
+
+def _check_unique(keys: list[Any]) -> None:
+    """Shards holding the same key could not be read as one dataset: refuse now."""
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice: the keys of a dataset are unique")
+        seen.add(key)
 
 
 def _prepare_folder(out: str) -> None:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 from urllib.parse import quote
@@ -88,9 +88,23 @@ def encode_manifest(run: str, shards: Sequence[ShardEntry], context: Any) -> byt
             {"file": e.file, "items": e.items, "size": e.size, "sha256": e.sha256}
             for e in shards
         ],
-        "context": None if context is None else dict(context),
+        "context": None if context is None else _jsonable(context),
     }
-    return (json.dumps(document, indent=1, default=repr) + "\n").encode()
+    return (json.dumps(document, indent=1) + "\n").encode()
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON can hold it: containers kept, other values as their ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth < 32 and isinstance(value, Mapping):
+        return {
+            key if isinstance(key, str) else repr(key): _jsonable(item, depth + 1)
+            for key, item in value.items()
+        }
+    if depth < 32 and isinstance(value, (list, tuple)):
+        return [_jsonable(item, depth + 1) for item in value]
+    return repr(value)
 
 
 def _natural(value: object) -> TypeGuard[int]:
@@ -449,7 +463,7 @@ class ShardedPickledDataset(PickledDataset):
     def _shard_indices(self, keys: Sequence[Any]) -> list[int]:
         where = self._where
         try:
-            return [where[key] for key in keys]
+            return list(map(where.__getitem__, keys))
         except (KeyError, TypeError):
             pass
         for key in keys:  # name the first bad key
