@@ -172,7 +172,7 @@ def test_shards_sharing_keys_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_manifest(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"has no manifest\.json"):
+    with pytest.raises(CorruptFileError, match=r"has no manifest\.json"):
         PickledDataset(tmp_path)
 
 

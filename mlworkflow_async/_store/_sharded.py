@@ -212,9 +212,11 @@ class _Location:
             with open(self.manifest, "rb") as f:
                 data = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                2, f"{self.base} is not a sharded dataset: it has no {MANIFEST} (was its "
-                f"create interrupted before the first run finished?)", self.manifest
+            raise CorruptFileError(
+                f"{self.base} is not a readable PickledDataset: it is a folder, not a regular "
+                f"file, and has no {MANIFEST} of a sharded dataset (was its first create "
+                f"interrupted?)",
+                self.manifest,
             ) from None
         return self._bounded(data)
 
