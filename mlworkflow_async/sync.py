@@ -191,6 +191,8 @@ class PickledDataset(_pickled.PickledDataset):
         *,
         concurrency: int = 256,
         progress: bool = False,
+        shards: int | None = None,
+        client: Any = None,
     ) -> int:
         """Blocking :meth:`mlworkflow_async.PickledDataset.create`; returns the item count."""
         ensure_blocking_allowed(
@@ -201,7 +203,8 @@ class PickledDataset(_pickled.PickledDataset):
 
         async def run() -> int:
             return await create(
-                dataset, path, keys, concurrency=concurrency, progress=progress
+                dataset, path, keys, concurrency=concurrency, progress=progress,
+                shards=shards, client=client,
             )
 
         count: int = get_portal().call(run)

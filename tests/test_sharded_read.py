@@ -96,6 +96,16 @@ def test_the_blocking_view_and_pickling(folder: Path) -> None:
     assert ds.closed
 
 
+def test_the_blocking_api(tmp_path: Path) -> None:
+    from mlworkflow_async import sync
+
+    folder = tmp_path / "set"
+    assert sync.PickledDataset.create(Numbers(20), folder, shards=2) == 20
+    with sync.PickledDataset(folder) as ds:
+        assert ds.shard_groups() == [(0, 10), (10, 10)]
+        assert_same(ds.sync.query_item(15), item(15))
+
+
 def test_the_manifest_path_opens_the_folder_too(folder: Path) -> None:
     with PickledDataset(folder / "manifest.json", safe=True) as ds:
         assert len(ds) == N

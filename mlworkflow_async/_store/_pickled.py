@@ -105,11 +105,15 @@ class PickledDataset(Dataset[Any, Any]):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickledDataset:
         # A folder (or a URL ending in "/") holds a sharded dataset.
-        if cls is PickledDataset:
-            from ._sharded import ShardedPickledDataset, is_sharded_location
+        from ._sharded import ShardedPickledDataset, is_sharded_location
 
-            if is_sharded_location(args[0] if args else kwargs.get("path")):
-                return object.__new__(ShardedPickledDataset)
+        if not issubclass(cls, ShardedPickledDataset) and is_sharded_location(
+            args[0] if args else kwargs.get("path")
+        ):
+            sharded = object.__new__(ShardedPickledDataset)
+            if not isinstance(sharded, cls):  # then Python will not call __init__
+                ShardedPickledDataset.__init__(sharded, *args, **kwargs)
+            return sharded
         return super().__new__(cls)
 
     def __init__(
@@ -141,7 +145,7 @@ class PickledDataset(Dataset[Any, Any]):
     ) -> PickledDataset:
         """Open ``path`` like the constructor, reading its index in a worker thread."""
         allow = tuple(allow)
-        if "://" in os.fspath(path) and cls is PickledDataset:
+        if "://" in os.fspath(path):
             from ._sharded import ShardedPickledDataset, is_sharded_location
 
             if is_sharded_location(path):

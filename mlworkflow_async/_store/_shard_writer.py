@@ -42,7 +42,7 @@ import anyio.to_thread
 from .._core._dataset import Dataset
 from ..exceptions import UnpicklableSourceError, WorkerLostError
 from ._pickled import PickledDataset
-from ._sharded import MANIFEST, ShardEntry, encode_manifest, file_digest
+from ._sharded import MANIFEST, ShardEntry, decode_manifest, encode_manifest, file_digest
 from ._writes import AtomicFile
 
 __all__ = ["create_sharded"]
@@ -418,21 +418,11 @@ async def create_sharded(
     if client is not None:  # before any work: a dataset that cannot travel fails now
         blob = await anyio.to_thread.run_sync(_dumps, dataset)
     all_keys = await _key_list(dataset, keys)
-    _check_unique(all_keys)
     context = getattr(dataset, "context", None)
     if not isinstance(context, Mapping):
         context = None
-    await anyio.to_thread.run_sync(_prepare_folder, out)
-
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
-    tasks = [
-        _ShardTask(
-            index, _shard_name(run, index), os.path.join(out, _shard_name(run, index)),
-            all_keys[index * len(all_keys) // shards:(index + 1) * len(all_keys) // shards],
-            concurrency,
-        )
-        for index in range(shards)
-    ]
+    tasks = await anyio.to_thread.run_sync(_plan, out, run, all_keys, shards, concurrency)
     bar = _progress_bar(progress, len(all_keys), out)
     committed = False
     try:
@@ -440,8 +430,7 @@ async def create_sharded(
             entries = [await _write_here(dataset, task, _bar_report(bar)) for task in tasks]
         else:
             entries = await _run(_backend(client, run, shards, bar), blob, tasks, out)
-        manifest = encode_manifest(run, entries, context)
-        await anyio.to_thread.run_sync(_commit, out, manifest, {e.file for e in entries})
+        await anyio.to_thread.run_sync(_commit, out, encode_manifest(run, entries, context))
         committed = True
     finally:
         if not committed:
@@ -528,8 +517,24 @@ def _prepare_folder(out: str) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def _commit(out: str, manifest: bytes, keep: set[str]) -> None:
-    """Replace the manifest atomically, then delete every shard it no longer names."""
+def _plan(
+    out: str, run: str, keys: list[Any], shards: int, concurrency: int
+) -> list[_ShardTask]:
+    """Check the keys and the folder, and split the keys into the shards' parts, in order."""
+    _check_unique(keys)
+    _prepare_folder(out)
+    return [
+        _ShardTask(
+            index, _shard_name(run, index), os.path.join(out, _shard_name(run, index)),
+            keys[index * len(keys) // shards:(index + 1) * len(keys) // shards], concurrency,
+        )
+        for index in range(shards)
+    ]
+
+
+def _commit(out: str, manifest: bytes) -> None:
+    """Replace the manifest atomically, then delete every file of ours it does not name."""
+    keep = {entry.file for entry in decode_manifest(manifest, MANIFEST).shards}
     sink = AtomicFile(os.path.join(out, MANIFEST))
     try:
         sink.write([manifest])
