@@ -102,7 +102,9 @@ class _Counted(Dataset[Any, Any]):
         return items
 
 
-async def _write_here(dataset: Dataset[Any, Any], task: _ShardTask, report: Report | None) -> Any:
+async def _write_here(
+    dataset: Dataset[Any, Any], task: _ShardTask, report: Report | None
+) -> ShardEntry:
     source = dataset if report is None else _Counted(dataset, report)
     count = await PickledDataset.create(source, task.path, task.keys, concurrency=task.concurrency)
     if count != len(task.keys):
