@@ -2,8 +2,8 @@
 
 The keys are split into ``N`` contiguous parts, in key order; each part is
 written as one shard file by the single-file ``PickledDataset.create`` (so
-each shard is atomic), wherever the work runs. The dataset travels to the
-workers once, pickled with ``cloudpickle``; it is pickled before any work
+each shard is atomic), wherever the work runs. The dataset travels with
+each shard's task, pickled with ``cloudpickle`` once, before any work
 starts, so a dataset that cannot travel fails at once, naming the culprit.
 
 A run writes its shards under names holding its run id, never over the
@@ -267,11 +267,12 @@ class _DaskBackend(_Backend):
     async def start(
         self, blob: bytes, tasks: list[_ShardTask]
     ) -> list[asyncio.Future[ShardEntry]]:
-        # On every worker: a worker that dies must not take the only copy with it.
-        data = await self._call(self.client.scatter, blob, broadcast=True, hash=False)
+        # The pickled dataset goes in each task rather than scattered once:
+        # a task must stay runnable elsewhere whatever workers die (the
+        # scheduler cannot recompute scattered data a dead worker held).
         self.futures = [
             self.client.submit(
-                _write_shard, data, task, self.report,
+                _write_shard, blob, task, self.report,
                 key=f"mlworkflow-async-shard-{self.run}-{task.index}", pure=False,
             )
             for task in tasks
