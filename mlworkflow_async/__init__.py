@@ -4,7 +4,7 @@
 >>> from mlworkflow_async import DictDataset
 >>> ds = DictDataset({1: "a", 2: "b"})
 >>> asyncio.run(ds.keys.all()), ds.sync.query_item(2)
-((1, 2), 'b')
+([1, 2], 'b')
 """
 
 from ._combinators._augmented import AugmentedDataset
@@ -15,15 +15,23 @@ from ._core._adapters import from_sync
 from ._core._collate import batchify, chunkify
 from ._core._dataset import Dataset
 from ._core._dict_dataset import DictDataset
+from ._core._engine import Failure, StreamStats
+from ._core._keys import KeySequence
+from ._core._stream import BatchStream
 from ._core._subset import Subset
-from ._runner._side_runner import SideRunner
+from ._runner._prefetch import Prefetcher
+from ._runner._side_runner import RunHandle, SideRunner
 from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
+    ItemCountError,
     KeysNotReadyError,
+    MlworkflowAsyncError,
     PickledFileError,
+    ResumeError,
     RunnerClosedError,
     SyncInLoopError,
+    TooManyFailuresError,
     UnpicklableItemError,
     UnpicklableSourceError,
     UnsafePickleError,
@@ -33,18 +41,28 @@ from .exceptions import (
 
 __all__ = [
     "AugmentedDataset",
+    "BatchStream",
     "CachedDataset",
     "CorruptFileError",
     "Dataset",
     "DictDataset",
+    "Failure",
     "FilteredDataset",
+    "ItemCountError",
+    "KeySequence",
     "KeysNotReadyError",
+    "MlworkflowAsyncError",
     "PickledDataset",
     "PickledFileError",
+    "Prefetcher",
+    "ResumeError",
+    "RunHandle",
     "RunnerClosedError",
     "SideRunner",
+    "StreamStats",
     "Subset",
     "SyncInLoopError",
+    "TooManyFailuresError",
     "TransformedDataset",
     "UnpicklableItemError",
     "UnpicklableSourceError",
@@ -55,3 +73,4 @@ __all__ = [
     "chunkify",
     "from_sync",
 ]
+

@@ -18,7 +18,6 @@ Either way, touching the array later does not wait for the disk.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import mmap
@@ -28,6 +27,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _page_cache as pages
@@ -147,6 +148,10 @@ class FileReader:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(
+                    errno.EISDIR, "Is a directory, not a PickledDataset file", path
+                )
             if not stat.S_ISREG(info.st_mode):
                 raise corrupt(path, "it is not a regular file")
             self.size = info.st_size
@@ -248,7 +253,7 @@ class FileReader:
                 self._since_yield += len(out)
                 if self._since_yield >= _YIELD_EVERY:
                     self._since_yield = 0
-                    await asyncio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
         finally:
             handle.release()
         return out

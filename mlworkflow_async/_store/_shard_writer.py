@@ -96,8 +96,14 @@ class _Counted(Dataset[Any, Any]):
     async def query_item(self, key: Any) -> Any:
         return (await self.query_items([key]))[0]
 
-    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
-        items = await self._source.query_items(keys)
+    async def query_items(
+        self, keys: Sequence[Any], concurrency: int | None = None
+    ) -> list[Any]:
+        source = self._source
+        if source.batched_queries:  # a backend's own query_items may take keys only
+            items = await source.query_items(keys)
+        else:
+            items = await source.query_items(keys, concurrency)
         self._report(len(keys))
         return items
 

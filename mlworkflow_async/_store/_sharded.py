@@ -25,6 +25,7 @@ Opening checks each shard's item count and size against the manifest;
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -212,11 +213,9 @@ class _Location:
             with open(self.manifest, "rb") as f:
                 data = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
-            raise CorruptFileError(
-                f"{self.base} is not a readable PickledDataset: it is a folder, not a regular "
-                f"file, and has no {MANIFEST} of a sharded dataset (was its first create "
-                f"interrupted?)",
-                self.manifest,
+            raise IsADirectoryError(
+                errno.EISDIR, f"Is a directory, without the {MANIFEST} of a sharded "
+                f"PickledDataset (was its first create interrupted?)", self.base
             ) from None
         return self._bounded(data)
 
@@ -482,7 +481,9 @@ class ShardedPickledDataset(PickledDataset):
     async def query_item(self, key: Any) -> Any:
         return (await self.query_items((key,)))[0]
 
-    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
+    async def query_items(
+        self, keys: Sequence[Any], concurrency: int | None = None
+    ) -> list[Any]:
         """The items of ``keys`` in order; a shard's keys are read in one call to it."""
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
