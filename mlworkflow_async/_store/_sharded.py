@@ -38,6 +38,7 @@ from urllib.parse import quote
 import anyio
 import anyio.to_thread
 
+from .._core._dataset import Dataset
 from ..exceptions import CorruptFileError, PickledFileError, UnsupportedVersionError
 from ._pickled import PickledDataset
 
@@ -313,13 +314,16 @@ class ShardedPickledDataset(PickledDataset):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"PickledDataset opens a folder by its path (str or os.PathLike), got {path!r}"
             )
         location = _Location(os.fspath(path))
-        options: dict[str, Any] = {"mmap": bool(mmap), "safe": bool(safe), "allow": tuple(allow)}
+        options: dict[str, Any] = {
+            "mmap": bool(mmap), "safe": bool(safe), "allow": tuple(allow), "verify": verify
+        }
         manifest = decode_manifest(location.read_manifest(), location.manifest)
         shards: list[PickledDataset] = []
         try:
@@ -339,9 +343,12 @@ class ShardedPickledDataset(PickledDataset):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
     ) -> ShardedPickledDataset:
         """Open a sharded dataset without blocking the loop; shards open concurrently."""
-        options: dict[str, Any] = {"mmap": bool(mmap), "safe": bool(safe), "allow": tuple(allow)}
+        options: dict[str, Any] = {
+            "mmap": bool(mmap), "safe": bool(safe), "allow": tuple(allow), "verify": verify
+        }
         location = _Location(os.fspath(path))
         if not location.remote:  # one worker thread call does it all
 
@@ -459,6 +466,9 @@ class ShardedPickledDataset(PickledDataset):
     def yield_keys(self) -> tuple[Any, ...]:
         return self._keys
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     # -- reads -----------------------------------------------------------------
 
     def _shard_indices(self, keys: Sequence[Any]) -> list[int]:
@@ -527,10 +537,8 @@ class ShardedPickledDataset(PickledDataset):
             shard: Any = self._shards[indices[0]]
             if hasattr(shard, "query_batch"):
                 return await shard.query_batch(keys, collate)
-        base: Any = getattr(super(), "query_batch", None)
-        if base is not None:
-            return await base(keys, collate)
-        return collate(await self.query_items(keys))
+        # The generic batch over query_items, not the single file's fast path.
+        return await Dataset.query_batch(self, keys, collate)
 
     # -- life cycle --------------------------------------------------------------
 
