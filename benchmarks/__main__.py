@@ -29,6 +29,7 @@ WORKLOADS = [
     "w7_format2",
     "w_cpu_stages",
     "w8_epochs",
+    "w_sharded",
 ]
 
 

@@ -34,9 +34,11 @@ from .exceptions import (
     SyncInLoopError,
     TooManyFailuresError,
     UnpicklableItemError,
+    UnpicklableSourceError,
     UnsafePickleError,
     UnsupportedVersionError,
     WorkerDiedError,
+    WorkerLostError,
 )
 
 __all__ = [
@@ -66,9 +68,11 @@ __all__ = [
     "TooManyFailuresError",
     "TransformedDataset",
     "UnpicklableItemError",
+    "UnpicklableSourceError",
     "UnsafePickleError",
     "UnsupportedVersionError",
     "WorkerDiedError",
+    "WorkerLostError",
     "batchify",
     "chunkify",
     "from_sync",

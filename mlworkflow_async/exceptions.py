@@ -11,8 +11,10 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     ├── ItemCountError (RuntimeError)
     ├── TooManyFailuresError (RuntimeError)
     ├── WorkerDiedError (RuntimeError)
+    │   └── WorkerLostError
     ├── ResumeError (ValueError)
     ├── UnpicklableItemError (TypeError)
+    ├── UnpicklableSourceError (TypeError)
     └── PickledFileError (OSError)
         ├── CorruptFileError
         ├── UnsupportedVersionError
@@ -41,10 +43,12 @@ __all__ = [
     "SyncInLoopError",
     "TooManyFailuresError",
     "UnpicklableItemError",
+    "UnpicklableSourceError",
     "UnsupportedBackendError",
     "UnsafePickleError",
     "UnsupportedVersionError",
     "WorkerDiedError",
+    "WorkerLostError",
 ]
 
 
@@ -202,4 +206,21 @@ class WorkerDiedError(MlworkflowAsyncError, RuntimeError):
     The message names the callable and the key it was running. A pool made
     with ``executor="process"`` starts again for the next call; a process
     pool that was passed in is unusable afterwards and must be replaced.
+    """
+
+
+class UnpicklableSourceError(MlworkflowAsyncError, TypeError):
+    """A dataset given to ``PickledDataset.create(..., client=...)`` cannot go to the workers.
+
+    The dataset travels to worker processes pickled (with ``cloudpickle``);
+    the message names the attribute that cannot be pickled. Nothing was
+    written. The original error is the ``__cause__``.
+    """
+
+
+class WorkerLostError(WorkerDiedError):
+    """A worker died while writing a shard of a sharded PickledDataset.
+
+    The message names the shard. The dataset previously in the folder, if
+    any, is left as it was; the files of the failed run are deleted.
     """

@@ -123,6 +123,20 @@ class PickledDataset(Dataset[Any, Any]):
 
     batched_queries = True
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledDataset:
+        # A folder (or a URL ending in "/") holds a sharded dataset.
+        from ._sharded import ShardedPickledDataset, is_sharded_location
+
+        if not issubclass(cls, ShardedPickledDataset) and is_sharded_location(
+            args[0] if args else kwargs.get("path")
+        ):
+            sharded = object.__new__(ShardedPickledDataset)
+            if not isinstance(sharded, cls):  # then Python will not call __init__
+                ShardedPickledDataset.__init__(sharded, *args, **kwargs)
+            return sharded
+        plain: PickledDataset = super().__new__(cls)
+        return plain
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -179,6 +193,13 @@ class PickledDataset(Dataset[Any, Any]):
     ) -> PickledDataset:
         """Open ``path`` like the constructor, in a worker thread."""
         allow = tuple(allow)
+        if "://" in os.fspath(path):
+            from ._sharded import ShardedPickledDataset, is_sharded_location
+
+            if is_sharded_location(path):
+                return await ShardedPickledDataset.open_sharded(
+                    path, mmap=mmap, safe=safe, allow=allow, verify=verify
+                )
 
         def construct() -> PickledDataset:
             return cls(path, mmap=mmap, safe=safe, allow=allow, verify=verify)
@@ -305,6 +326,8 @@ class PickledDataset(Dataset[Any, Any]):
         concurrency: int = 256,
         progress: bool = False,
         format_version: int = VERSION2,
+        shards: int | None = None,
+        client: Any = None,
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
@@ -331,12 +354,25 @@ class PickledDataset(Dataset[Any, Any]):
 
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
+
+        ``shards=N`` makes ``path`` a folder of ``N`` shard files and a
+        manifest, written in parallel on ``client``: a Dask ``Client``, a
+        ``concurrent.futures.Executor``, or ``"process"`` for a pool of
+        local processes; without ``client``, in this process. See
+        :mod:`mlworkflow_async._store._shard_writer`.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         if format_version not in (1, VERSION2):
             raise ValueError(f"format_version must be 1 or 2, got {format_version!r}")
         dataset = _as_dataset(dataset)
+        if shards is not None or client is not None:
+            from ._shard_writer import create_sharded
+
+            return await create_sharded(
+                dataset, cast("str | os.PathLike[str]", path), keys, shards=shards,
+                client=client, concurrency=concurrency, progress=progress,
+            )
         source: Iterable[Any] | AsyncIterable[Any] = dataset.keys if keys is None else keys
         context = getattr(dataset, "context", None)
         if not isinstance(context, Mapping):
