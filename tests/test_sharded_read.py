@@ -262,8 +262,6 @@ async def test_ranks_read_disjoint_complete_parts(tmp_path: Path, shards: int, w
     assert sorted(flat) == list(range(240))  # complete: 240 splits evenly here
 
 
-@pytest.mark.xfail(strict=True, reason="batches(shard=) splits by key; it does not yet ask "
-                   "shard_groups() for whole files")
 async def test_ranks_read_whole_files_where_the_counts_allow(tmp_path: Path) -> None:
     folder = tmp_path / "set"
     await PickledDataset.create(DictDataset({i: i for i in range(240)}), folder, shards=4)

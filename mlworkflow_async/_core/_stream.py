@@ -130,9 +130,12 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
                 source
             )
         if known is not None:
+            shard = spec.shard
+            local = _whole_files(dataset, source, known, shard)
+            if local is not None:  # this rank's whole files: its keys, in its own order
+                known, shard = local, None
             order = KnownOrder(
-                known, spec.batch_size, spec.shuffle, spec.epoch, spec.shard,
-                spec.drop_incomplete,
+                known, spec.batch_size, spec.shuffle, spec.epoch, shard, spec.drop_incomplete,
             )
         else:
             order = StreamedOrder(source, spec.batch_size)
@@ -240,6 +243,28 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
             f"<mlworkflow_async.BatchStream of {type(self._dataset).__name__}, "
             f"batch_size={spec.batch_size}, {state}>"
         )
+
+
+def _whole_files(
+    dataset: object, source: object, keys: Sequence[K], shard: tuple[int, int] | None
+) -> list[K] | None:
+    """The keys of the files rank ``shard[0]`` reads whole, when files split evenly.
+
+    A dataset stored in several files says where each begins
+    (``shard_groups()``); when dealing the files out in turn gives every rank
+    the same number of keys, each rank reads whole files (locality), and the
+    guarantees of the key-level split hold (disjoint, complete, equal counts).
+    """
+    groups = getattr(dataset, "shard_groups", None)
+    if shard is None or groups is None or source is not getattr(dataset, "keys", None):
+        return None
+    rank, world = shard
+    found = list(groups())
+    mine = found[rank::world]
+    totals = {sum(count for _, count in found[r::world]) for r in range(world)}
+    if world == 1 or len(found) < world or len(totals) != 1:
+        return None
+    return [key for start, count in mine for key in keys[start:start + count]]
 
 
 def _progress_bar(order: KnownOrder[Any] | StreamedOrder[Any], start: int, done: int) -> Any:
