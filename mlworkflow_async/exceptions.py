@@ -1,5 +1,11 @@
 """Every exception class the library raises on purpose, in one flat module.
 
+``PickledFileError`` (an ``OSError``) is the base of the file errors:
+``CorruptFileError``, ``UnsupportedVersionError``, ``UnsafePickleError`` and
+``RemoteFileError`` (a file behind a URL), itself the base of
+``RemoteFileNotFoundError`` (also a ``FileNotFoundError``) and
+``RemoteFileChangedError``.
+
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
 naming the key that was being processed is added to them.
@@ -11,6 +17,9 @@ __all__ = [
     "CorruptFileError",
     "KeysNotReadyError",
     "PickledFileError",
+    "RemoteFileChangedError",
+    "RemoteFileError",
+    "RemoteFileNotFoundError",
     "RunnerClosedError",
     "SyncInLoopError",
     "UnpicklableItemError",
@@ -81,6 +90,27 @@ class UnsafePickleError(PickledFileError):
     Safe mode only rebuilds builtin containers and scalars, numpy arrays and
     the classes passed as ``allow=``. Pass the named class in ``allow`` if
     you trust it, or open the file without ``safe=True`` if you trust the file.
+    """
+
+
+class RemoteFileError(PickledFileError):
+    """A file behind a URL (``http(s)://`` or an fsspec URL) cannot be fetched.
+
+    Raised when the server refuses the connection, does not answer byte-range
+    requests, or keeps failing after the retries; the message names the URL
+    (also in ``path``) and, for a read, the byte range and the key.
+    """
+
+
+class RemoteFileNotFoundError(RemoteFileError, FileNotFoundError):
+    """The URL names no file (HTTP 404, or no such object). Check the URL."""
+
+
+class RemoteFileChangedError(RemoteFileError):
+    """The file behind the URL changed on the server while it was open.
+
+    Its ETag (or size) no longer matches the one seen when it was opened, so
+    its index no longer describes it. Open it again.
     """
 
 
