@@ -47,6 +47,8 @@ from .._core._dataset import Dataset
 from .._core._keys import KeySequence
 from ._format import Encoder, header
 from ._reads import FileReader
+from ._remote import is_url
+from ._source_reader import SourceReader, open_blocking
 from ._writes import AtomicFile, FileObject, Sink
 
 __all__ = ["PickledDataset"]
@@ -102,6 +104,8 @@ class PickledDataset(Dataset[Any, Any]):
     """
 
     batched_queries = True
+    _reader: FileReader | SourceReader
+    _options: dict[str, Any]
 
     def __init__(
         self,
@@ -110,13 +114,20 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        cache_dir: str | os.PathLike[str] | None = None,
+        **remote: Any,
     ) -> None:
+        if is_url(path):
+            self._options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
+            self._reader = open_blocking(path, **remote)
+            return
+        _local_only(path, cache_dir, remote)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"PickledDataset opens a file by its path (str or os.PathLike), got {path!r}"
             )
         allowed = tuple(allow)
-        self._options: dict[str, Any] = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed}
+        self._options = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed}
         self._reader = FileReader(
             os.fspath(path), use_mmap=bool(mmap), safe=bool(safe), allow=allowed
         )
@@ -129,9 +140,21 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        cache_dir: str | os.PathLike[str] | None = None,
+        **remote: Any,
     ) -> PickledDataset:
-        """Open ``path`` like the constructor, reading its index in a worker thread."""
+        """Open ``path`` like the constructor, reading its index in a worker thread.
+
+        A URL is opened on the running event loop (see :class:`PickledDataset`).
+        """
         allow = tuple(allow)
+        if is_url(path):
+            options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
+            dataset = cls.__new__(cls)
+            dataset._options = options
+            dataset._reader = await SourceReader.open(path, **remote)
+            return dataset
+        _local_only(path, cache_dir, remote)
 
         def construct() -> PickledDataset:
             return cls(path, mmap=mmap, safe=safe, allow=allow)
@@ -210,7 +233,8 @@ class PickledDataset(Dataset[Any, Any]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(  # type: ignore[misc]
-            state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"]
+            state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"],
+            **state.get("remote", {}),
         )
 
     def __repr__(self) -> str:
@@ -296,6 +320,29 @@ class PickledDataset(Dataset[Any, Any]):
             if bar is not None:
                 bar.close()
         return encoder.count
+
+
+# -- files behind URLs ---------------------------------------------------------
+
+
+def _remote_options(
+    mmap: bool, safe: bool, allow: Iterable[object], cache_dir: Any, remote: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options to keep (to reopen elsewhere) and the arguments of the remote reader."""
+    allowed = tuple(allow)
+    if cache_dir is not None:
+        remote["cache_dir"] = os.fspath(cache_dir)
+    kept = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed, "remote": dict(remote)}
+    return kept, {"use_mmap": bool(mmap), "safe": bool(safe), "allow": allowed, **remote}
+
+
+def _local_only(path: object, cache_dir: object, remote: dict[str, Any]) -> None:
+    if cache_dir is not None or remote:
+        names = ", ".join(sorted([*remote, *(["cache_dir"] if cache_dir is not None else [])]))
+        raise TypeError(
+            f"{names} only apply to files behind URLs (http(s)://, s3://, ...), and {path!r} "
+            f"is a local path"
+        )
 
 
 # -- helpers for create ------------------------------------------------------

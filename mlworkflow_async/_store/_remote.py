@@ -34,7 +34,7 @@ import asyncio
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeGuard
 
 import anyio
 import anyio.to_thread
@@ -69,7 +69,7 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def is_url(name: object) -> bool:
+def is_url(name: object) -> TypeGuard[str]:
     """Whether ``name`` is a URL (``scheme://...``) rather than a local path.
 
     >>> is_url("https://example.com/d.pkl"), is_url("s3://bucket/d.pkl"), is_url("d.pkl")
@@ -182,7 +182,12 @@ async def open_source(url: str, **options: Any) -> RemoteSource:
     opts = RemoteOptions(**options)
     transport = _transport(url, opts)
     source = RemoteSource(transport, opts)
-    await source._open()
+    try:
+        await source._open()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await source.aclose()
+        raise
     return source
 
 
@@ -218,6 +223,13 @@ class RemoteSource:
             )
 
     # -- reads ---------------------------------------------------------------
+
+    def peek(self, offset: int, length: int) -> bytes | None:
+        """The bytes of a range among those fetched when opening, else None (no request)."""
+        start = offset - self._tail_start
+        if start < 0 or offset + length > self.size or length < 0:
+            return None
+        return bytes(self._tail[start:start + length])
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
         """The bytes of each ``(offset, length)`` pair, in order.
@@ -342,7 +354,8 @@ class RemoteSource:
         opts = self.options
         attempts = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(opts.retries + 1),
-            wait=tenacity.wait_exponential_jitter(initial=opts.backoff, max=opts.max_backoff),
+            # "Full jitter": a random wait up to a bound that doubles each time.
+            wait=tenacity.wait_random_exponential(multiplier=opts.backoff, max=opts.max_backoff),
             retry=tenacity.retry_if_exception_type(Transient),
             sleep=anyio.sleep,
             reraise=True,
