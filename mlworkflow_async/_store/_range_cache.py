@@ -14,9 +14,10 @@ interleaving corrupts it. A process killed mid-write leaves blocks unmarked,
 fetched again later. A block once marked never changes, so mapping the cache
 file (``mmap=True``) is safe too.
 
-The folder is bounded in size (the disk space of its cache files): when it
-grows past the bound, the cache files used least recently (their
-modification times) are deleted. A process still reading a deleted one
+The folder is bounded in size (the disk space of its cache files, counted
+when a file is opened, then as blocks are added): when it grows past the
+bound, the cache files used least recently (their modification times) are
+deleted. A process still reading a deleted one
 keeps its copy until it closes it. When one file alone reaches the bound,
 blocks are no longer added for it: reads go to the server instead.
 """
@@ -38,8 +39,6 @@ DEFAULT_BLOCK = 16 << 10
 DEFAULT_LIMIT = 8 << 30
 _SUFFIX = ".ranges"
 _PAGE = 4096
-#: Disk usage is checked again after this many bytes are added.
-_RECHECK = 64 << 20
 
 
 def cache_name(url: str, validator: str, size: int, block: int) -> str:
@@ -65,7 +64,7 @@ class RangeCache:
         #: Blocks known to be present; a block once marked stays marked.
         self.present = bytearray(self.blocks)
         self.full = False
-        self._added = 0
+        self._usage = 0  # of the folder, as last counted plus what was added since
         self._map: mmap.mmap | None = None
         os.makedirs(folder, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -142,13 +141,12 @@ class RangeCache:
                 return
             raise
         self.present[first:stop] = b"\1" * (stop - first)
-        self._added += len(view)
-        if self._added >= _RECHECK:
+        self._usage += len(view)
+        if self._usage > self.limit:
             self._bound()
 
     def _bound(self) -> None:
         """Delete the least recently used cache files while the folder is over its bound."""
-        self._added = 0
         files: list[tuple[float, int, str]] = []
         with os.scandir(self.folder) as entries:
             for entry in entries:
@@ -167,6 +165,7 @@ class RangeCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             used -= usage
+        self._usage = used
         if used > self.limit:
             self.full = True
 
