@@ -16,10 +16,13 @@ while batches load.
 The data file is generated at start-up if it does not exist: ``--items``
 float32 feature vectors with an integer label each; their per-feature mean
 and standard deviation are stored in the file's context and used to
-normalise. Each request takes the next ``size`` keys from a shared cursor
-that cycles through the keys epoch after epoch, so concurrent requests get
-distinct batches even when their sizes differ. At most ``--max-loading``
-batches load at once; more requests wait their turn.
+normalise. The context also records the settings that generated the file,
+which is generated again when ``--items`` or ``--features`` differ.
+
+Each request takes the next ``size`` keys from a shared cursor that cycles
+through the keys epoch after epoch, so concurrent requests get distinct
+batches even when their sizes differ. At most ``--max-loading`` batches
+load at once; more requests wait their turn.
 
 A JSON batch is ``{"epoch", "keys", "x", "label"}``. A ``.npy`` batch is one
 structured array with the fields ``key``, ``label`` and ``x``; read it with
@@ -49,12 +52,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlworkflow_async import Dataset, PickledDataset, TransformedDataset
+from mlworkflow_async.exceptions import PickledFileError
 
 NPY_MEDIA_TYPE = "application/x-npy"
 MAX_BATCH = 1024
 
 
 # -- the data -------------------------------------------------------------------
+
+
+#: The context entry of the data file: the settings its data was generated with.
+GENERATED_WITH = "generated_with"
+
+
+def data_settings(items: int, features: int, seed: int) -> dict[str, Any]:
+    """What defines the generated data: equal settings generate equal data."""
+    return {"items": items, "features": features, "seed": seed}
 
 
 class GeneratedData(Dataset[int, dict[str, Any]]):
@@ -69,6 +82,7 @@ class GeneratedData(Dataset[int, dict[str, Any]]):
         self.context = {
             "mean": self.x.mean(axis=0).tolist(),
             "std": self.x.std(axis=0).tolist(),
+            GENERATED_WITH: data_settings(items, features, seed),
         }
 
     def yield_keys(self) -> range:
@@ -78,12 +92,38 @@ class GeneratedData(Dataset[int, dict[str, Any]]):
         return {"x": self.x[key], "label": int(self.labels[key])}
 
 
-async def prepare_data(path: Path, items: int, features: int, seed: int = 0) -> bool:
-    """Generate the data file at ``path`` unless it exists; return whether it was made."""
+async def prepare_data(path: Path, items: int, features: int, seed: int = 0) -> str:
+    """Generate the data file at ``path`` unless it holds that data; say which it did.
+
+    Returns ``"found"``, ``"generated"``, or ``"generated again: ..."`` with
+    the reason when the file held data made with other settings. A file that
+    is not a dataset file raises ``FileExistsError`` and is left alone.
+    """
+    origin = "generated"
+    wanted = data_settings(items, features, seed)
     if await anyio.Path(path).exists():
-        return False
+        try:
+            # Only the context is needed; safe=True loads no class from the file.
+            async with await PickledDataset.open(path, safe=True) as stored:
+                found = stored.context.get(GENERATED_WITH)
+        except PickledFileError as exc:
+            raise FileExistsError(f"{exc}; pass another --data, or remove {path}") from exc
+        if found == wanted:
+            return "found"
+        origin = f"generated again: {_difference(found, wanted)}"
     await PickledDataset.create(GeneratedData(items, features, seed), path)
-    return True
+    return origin
+
+
+def _difference(found: object, wanted: dict[str, Any]) -> str:
+    if not isinstance(found, dict):
+        return "it did not say which data it held"
+    changed = [
+        f"{name} {found.get(name)!r} -> {value!r}"
+        for name, value in wanted.items()
+        if found.get(name) != value
+    ]
+    return "it held other data (" + ", ".join(changed) + ")"
 
 
 def transformed(stored: PickledDataset, latency: float) -> TransformedDataset[int, Any]:
@@ -174,13 +214,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        made = await prepare_data(data, items, features)
+        origin = await prepare_data(data, items, features)
         async with await PickledDataset.open(data) as stored:
             state["dataset"] = transformed(stored, latency)
             state["cursor"] = KeyCursor(await stored.keys.all())
             # Made here, inside the serving loop, once per start-up.
             state["limit"] = anyio.Semaphore(max_loading)
-            origin = "generated" if made else "found"
             where = f" on {announce}" if announce else ""
             # What exists now (modules, the key index) lives as long as the
             # service: freezing it keeps the collector from scanning it again

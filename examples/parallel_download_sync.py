@@ -53,6 +53,11 @@ def failure_reason(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {exc or 'no response'}"
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless ``n`` is 1: "1 file", "2 files"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def file_name(url: str) -> str:
     """The name a URL is saved under: the last part of its path."""
     name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
@@ -169,7 +174,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    print(f"downloading {len(args.urls)} URLs, {args.pool_size} at a time, into {args.out_dir}")
+    urls = _count(len(args.urls), "URL")
+    print(f"downloading {urls}, {args.pool_size} at a time, into {args.out_dir}")
     start = time.perf_counter()
     try:
         saved, failures = download_all(
@@ -188,9 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     elapsed = time.perf_counter() - start
     size = sum(path.stat().st_size for path in saved.values())
-    print(f"saved {len(saved)} files ({size} bytes) in {args.out_dir} in {elapsed:.2f} s")
+    files, size_text = _count(len(saved), "file"), _count(size, "byte")
+    print(f"saved {files} ({size_text}) in {args.out_dir} in {elapsed:.2f} s")
     if failures:
-        print(f"skipped {len(failures)} failed URLs:")
+        print(f"skipped {_count(len(failures), 'failed URL')}:")
         for failure in failures.values():
             print(f"  {failure}")
     return 0

@@ -2,8 +2,10 @@
 
 The script generates a two-class dataset, caches it once in a
 ``PickledDataset`` file, then trains a logistic regression by stochastic
-gradient descent for a few epochs. Batches come from the dataset's blocking
-view, ``ds.sync.batches(...)``, which loads the next items in the background;
+gradient descent for a few epochs. The cache records the settings that
+generated it (``--items``, ``--features``, ``--separation``, ``--seed``) and
+is generated again when they change. Batches come from the dataset's blocking
+view, ``ds.batches(...)``, which loads the next items in the background;
 a blocking ``SideRunner`` prefetches the prepared batches one step further,
 so the model update and the batch preparation overlap.
 
@@ -24,13 +26,29 @@ from typing import Any
 
 import numpy as np
 
-from mlworkflow_async import Dataset, DictDataset
-from mlworkflow_async.sync import PickledDataset, SideRunner
+from mlworkflow_async import DictDataset
+from mlworkflow_async.exceptions import PickledFileError
+from mlworkflow_async.sync import PickledDataset, SideRunner, SyncView
 
 Batch = tuple[np.ndarray, np.ndarray]  # features and labels
+#: The context entry of the cache file: the settings its data was generated with.
+GENERATED_WITH = "generated_with"
 
 
-def make_dataset(items: int, features: int, separation: float, seed: int) -> DictDataset[int, Any]:
+class GeneratedData(DictDataset[int, Any]):
+    """The generated items; their ``context`` (stored in the cache) says how they were made."""
+
+    def __init__(self, items: dict[int, Any], settings: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.context = {GENERATED_WITH: settings}
+
+
+def data_settings(items: int, features: int, separation: float, seed: int) -> dict[str, Any]:
+    """What defines the generated data: equal settings generate equal data."""
+    return {"items": items, "features": features, "separation": separation, "seed": seed}
+
+
+def make_dataset(items: int, features: int, separation: float, seed: int) -> GeneratedData:
     """Two Gaussian clouds, one per class, ``separation`` apart along a random direction."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=features)
@@ -38,7 +56,8 @@ def make_dataset(items: int, features: int, separation: float, seed: int) -> Dic
     labels = rng.integers(0, 2, items)
     offsets = np.outer(labels - 0.5, direction) * separation
     x = (rng.normal(size=(items, features)) + offsets).astype(np.float32)
-    return DictDataset({i: {"x": x[i], "y": float(labels[i])} for i in range(items)})
+    settings = data_settings(items, features, separation, seed)
+    return GeneratedData({i: {"x": x[i], "y": float(labels[i])} for i in range(items)}, settings)
 
 
 class LogisticRegression:
@@ -69,17 +88,56 @@ class LogisticRegression:
 
 
 def prepare(path: Path, items: int, features: int, separation: float, seed: int) -> str:
-    """Cache the generated dataset in ``path`` unless it is already there."""
+    """Cache the generated dataset in ``path`` unless it already holds that very data.
+
+    The settings that define the data are stored in the file's context; a
+    cache made with other settings (``--items 50`` after a run with the
+    default, say) is generated again rather than silently trained on. A file
+    at ``path`` that is not a dataset file raises ``FileExistsError``.
+    Returns what it did, to print.
+    """
+    wanted = data_settings(items, features, separation, seed)
+    lines = []
     if path.exists():
-        return f"using cached data in {path}"
+        found = _generated_with(path)
+        if found == wanted:
+            return f"using cached data in {path}"
+        lines.append(f"rebuilding {path}: {_difference(found, wanted)}")
     start = time.perf_counter()
-    # Blocks until the file is complete; it is written atomically.
-    PickledDataset.create(make_dataset(items, features, separation, seed), path)
-    return f"cached {items} items in {path} in {time.perf_counter() - start:.2f} s"
+    dataset = make_dataset(items, features, separation, seed)
+    # Blocks until the file is complete; it is written atomically, replacing
+    # any stale cache only once the new one is whole.
+    PickledDataset.create(dataset, path)
+    lines.append(f"cached {items} items in {path} in {time.perf_counter() - start:.2f} s")
+    return "\n".join(lines)
+
+
+def _generated_with(path: Path) -> dict[str, Any] | None:
+    """The settings ``path`` was generated with, or None if it does not say."""
+    try:
+        # Only the context is needed; safe=True loads no class from the file.
+        with PickledDataset(path, safe=True) as cached:
+            found = cached.context.get(GENERATED_WITH)
+    except PickledFileError as exc:
+        # Not a cache this script wrote (those are written atomically): it
+        # may be someone's data, so it is not overwritten.
+        raise FileExistsError(f"{exc}; pass another --data, or remove {path}") from exc
+    return found if isinstance(found, dict) else None
+
+
+def _difference(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    if found is None:
+        return "it does not say which data it holds"
+    changed = [
+        f"{name} {found.get(name)!r} -> {value!r}"
+        for name, value in wanted.items()
+        if found.get(name) != value
+    ]
+    return "it holds other data (" + ", ".join(changed) + ")"
 
 
 def train(
-    ds: Dataset[int, Any],
+    ds: SyncView[int, Any],
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -87,8 +145,8 @@ def train(
     report: Any = print,
 ) -> tuple[list[float], float]:
     """Train on ``ds``; return the mean loss of each epoch and the final accuracy."""
-    keys = ds.sync.keys.all()
-    features = ds.sync.query_item(keys[0])["x"].shape[0]
+    keys = ds.keys.all()
+    features = ds.query_item(keys[0])["x"].shape[0]
     model = LogisticRegression(features)
     rng = np.random.default_rng(seed)
     epoch_losses: list[float] = []
@@ -97,7 +155,7 @@ def train(
             order = [keys[i] for i in rng.permutation(len(keys))]
 
             def batch_generator(order: list[int] = order) -> Iterator[Batch]:
-                for _, batch in ds.sync.batches(batch_size, keys=order, drop_incomplete=True):
+                for _, batch in ds.batches(batch_size, keys=order, drop_incomplete=True):
                     yield batch["x"].astype(np.float64), batch["y"]
 
             losses, hits, seen = [], 0, 0
@@ -111,7 +169,7 @@ def train(
                 f"epoch {epoch}/{epochs}: mean loss {epoch_losses[-1]:.4f} over "
                 f"{len(losses)} batches, training accuracy {hits / seen:.1%}"
             )
-    everything = ds.sync.query(keys)
+    everything = ds.query(keys)
     accuracy = model.accuracy(everything["x"].astype(np.float64), everything["y"])
     report(f"final accuracy on all {len(keys)} items: {accuracy:.1%}")
     return epoch_losses, accuracy
@@ -142,7 +200,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    print(prepare(args.data, args.items, args.features, args.separation, args.seed))
+    try:
+        print(prepare(args.data, args.items, args.features, args.separation, args.seed))
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     with PickledDataset(args.data) as ds:
         train(ds, args.epochs, args.batch_size, args.learning_rate, args.seed)
     return 0

@@ -4,7 +4,7 @@
 >>> from mlworkflow_async import DictDataset
 >>> ds = DictDataset({1: "a", 2: "b"})
 >>> asyncio.run(ds.keys.all()), ds.sync.query_item(2)
-((1, 2), 'b')
+([1, 2], 'b')
 """
 
 from ._combinators._augmented import AugmentedDataset

@@ -1,10 +1,23 @@
 """Every exception class the library raises on purpose, in one flat module.
 
-``PickledFileError`` (an ``OSError``) is the base of the file errors:
-``CorruptFileError``, ``UnsupportedVersionError``, ``UnsafePickleError`` and
-``RemoteFileError`` (a file behind a URL), itself the base of
-``RemoteFileNotFoundError`` (also a ``FileNotFoundError``) and
-``RemoteFileChangedError``.
+Each derives from :class:`MlworkflowAsyncError` and from the builtin it
+resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
+
+    MlworkflowAsyncError
+    ├── KeysNotReadyError (RuntimeError)
+    ├── SyncInLoopError (RuntimeError)
+    ├── RunnerClosedError (RuntimeError)
+    ├── ItemCountError (RuntimeError)
+    ├── TooManyFailuresError (RuntimeError)
+    ├── ResumeError (ValueError)
+    ├── UnpicklableItemError (TypeError)
+    └── PickledFileError (OSError)
+        ├── CorruptFileError
+        ├── UnsupportedVersionError
+        ├── UnsafePickleError
+        └── RemoteFileError (a file behind a URL)
+            ├── RemoteFileNotFoundError (also FileNotFoundError)
+            └── RemoteFileChangedError
 
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
@@ -13,22 +26,33 @@ naming the key that was being processed is added to them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "CorruptFileError",
+    "ItemCountError",
     "KeysNotReadyError",
+    "MlworkflowAsyncError",
     "PickledFileError",
     "RemoteFileChangedError",
     "RemoteFileError",
     "RemoteFileNotFoundError",
+    "ResumeError",
     "RunnerClosedError",
     "SyncInLoopError",
+    "TooManyFailuresError",
     "UnpicklableItemError",
     "UnsafePickleError",
     "UnsupportedVersionError",
 ]
 
 
-class KeysNotReadyError(RuntimeError):
+class MlworkflowAsyncError(Exception):
+    """The base of every error the library raises on purpose."""
+
+
+class KeysNotReadyError(MlworkflowAsyncError, RuntimeError):
     """The length of a dataset was asked for before its keys were all known.
 
     Keys of lazy datasets are discovered as they are iterated. Complete them
@@ -36,7 +60,7 @@ class KeysNotReadyError(RuntimeError):
     """
 
 
-class SyncInLoopError(RuntimeError):
+class SyncInLoopError(MlworkflowAsyncError, RuntimeError):
     """A blocking call was made from inside a running event loop.
 
     Blocking there would freeze the loop, so the blocking facades refuse.
@@ -44,7 +68,7 @@ class SyncInLoopError(RuntimeError):
     """
 
 
-class RunnerClosedError(RuntimeError):
+class RunnerClosedError(MlworkflowAsyncError, RuntimeError):
     """A ``SideRunner`` was used while it was not open.
 
     Work can only be handed to an async runner inside its ``async with``
@@ -53,7 +77,69 @@ class RunnerClosedError(RuntimeError):
     """
 
 
-class PickledFileError(OSError):
+class ItemCountError(MlworkflowAsyncError, RuntimeError):
+    """A bulk fetch returned a different number of items than it was given keys.
+
+    ``query_items(keys)`` must return one item per key, in order.
+    """
+
+    @classmethod
+    def check(cls, owner: object, items: Sequence[Any], keys: Sequence[Any]) -> None:
+        """Raise unless ``items`` has one item per key."""
+        if len(items) != len(keys):
+            raise cls(
+                f"{type(owner).__name__}.query_items() returned {len(items)} items for "
+                f"{len(keys)} keys; it must return one item per key, in order"
+            )
+
+
+class TooManyFailuresError(MlworkflowAsyncError, RuntimeError):
+    """More items failed than ``max_failures`` allows in a stream skipping failures.
+
+    ``failures`` lists every ``(key, exception)`` recorded; the message
+    summarises them.
+    """
+
+    def __init__(self, message: str, failures: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.failures = list(failures)
+
+    @classmethod
+    def summarise(cls, failures: Sequence[Any], limit: float, seen: int) -> TooManyFailuresError:
+        kinds: dict[str, int] = {}
+        for failure in failures:
+            name = type(failure.exception).__name__
+            kinds[name] = kinds.get(name, 0) + 1
+        allowed = f"{limit:.1%} of items" if isinstance(limit, float) else f"{limit}"
+        first = failures[0] if failures else None
+        detail = (
+            f"; the first was key {first.key!r}: {type(first.exception).__name__}: "
+            f"{first.exception}" if first is not None else ""
+        )
+        summary = ", ".join(f"{count} {name}" for name, count in sorted(kinds.items()))
+        return cls(
+            f"{len(failures)} of {seen} items failed ({summary}), more than max_failures="
+            f"{allowed}{detail}",
+            failures,
+        )
+
+
+class ResumeError(MlworkflowAsyncError, ValueError):
+    """``batches(resume=state)`` got a state that does not match the stream asked for.
+
+    The message names the argument that differs, or says that the keys
+    changed since the state was saved.
+    """
+
+
+class UnpicklableItemError(MlworkflowAsyncError, TypeError):
+    """An item (or key, or context) could not be pickled while writing a file.
+
+    The message names the key; the original error is the ``__cause__``.
+    """
+
+
+class PickledFileError(MlworkflowAsyncError, OSError):
     """A :class:`~mlworkflow_async.PickledDataset` file cannot be read.
 
     The base of the errors below; the message names the file (also in the
@@ -113,9 +199,3 @@ class RemoteFileChangedError(RemoteFileError):
     its index no longer describes it. Open it again.
     """
 
-
-class UnpicklableItemError(TypeError):
-    """An item (or key, or context) could not be pickled while writing a file.
-
-    The message names the key; the original error is the ``__cause__``.
-    """

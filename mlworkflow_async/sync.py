@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -27,8 +28,9 @@ from ._store import _pickled
 
 if TYPE_CHECKING:
     from ._core._dataset import Dataset
-    from ._core._engine import BatchStream
+    from ._core._engine import Failure, StreamStats
     from ._core._keys import KeySequence
+    from ._core._stream import BatchStream
 
 __all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner", "PickledDataset"]
 
@@ -36,6 +38,12 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _KEYS_PER_TRIP = 1024
+
+
+class _Reader:
+    """Stands for a blocking reader of keys while it iterates (held weakly)."""
+
+    __slots__ = ("__weakref__",)
 
 
 class SyncKeys(Generic[K]):
@@ -47,6 +55,8 @@ class SyncKeys(Generic[K]):
     def __iter__(self) -> Iterator[K]:
         ensure_blocking_allowed("iterating dataset.sync.keys", "`async for key in dataset.keys`")
         portal = get_portal()
+        reader = _Reader()
+        self._keys.claim(reader, _KEYS_PER_TRIP)
         start = 0
         while True:
             chunk = portal.call(self._keys.chunk_from, start, _KEYS_PER_TRIP)
@@ -55,8 +65,8 @@ class SyncKeys(Generic[K]):
             yield from chunk
             start += len(chunk)
 
-    def all(self) -> tuple[K, ...]:
-        """Compute every key and return them as a tuple."""
+    def all(self) -> list[K]:
+        """Compute every key and return them as a new list."""
         ensure_blocking_allowed("dataset.sync.keys.all()", "`await dataset.keys.all()`")
         return get_portal().call(self._keys.all)
 
@@ -65,7 +75,11 @@ class SyncKeys(Generic[K]):
 
 
 class SyncBatches(Generic[K]):
-    """Blocking iterator over a :class:`BatchStream`; prefetching goes on in the background."""
+    """Blocking iterator over a :class:`~mlworkflow_async.BatchStream`.
+
+    The next batches load in the background meanwhile. It has the stream's
+    :meth:`state_dict`, :attr:`failures` and :attr:`stats`.
+    """
 
     def __init__(self, stream: BatchStream[K]) -> None:
         self._stream = stream
@@ -89,6 +103,20 @@ class SyncBatches(Generic[K]):
         except BaseException:
             self._done = True
             raise
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is; pass it as ``batches(..., resume=state)`` to continue."""
+        return self._stream.state_dict()
+
+    @property
+    def failures(self) -> list[Failure[K]]:
+        """Items left out with ``on_error="skip"``."""
+        return self._stream.failures
+
+    @property
+    def stats(self) -> StreamStats:
+        """Counts of the stream so far."""
+        return self._stream.stats
 
     def close(self) -> None:
         """Stop the stream and cancel fetches in flight."""
@@ -132,18 +160,32 @@ class SyncView(Generic[K, V]):
         ensure_blocking_allowed("dataset.sync.query_item()", "`await dataset.query_item(key)`")
         return get_portal().call(self.dataset.query_item, key)
 
-    def query_items(self, keys: Sequence[K]) -> list[V]:
+    def query_items(self, keys: Sequence[K], concurrency: int | None = None) -> list[V]:
         ensure_blocking_allowed("dataset.sync.query_items()", "`await dataset.query_items(keys)`")
-        return get_portal().call(self.dataset.query_items, keys)
+        dataset = self.dataset
+
+        async def run() -> list[V]:
+            if dataset.batched_queries:
+                return await dataset.query_items(keys)
+            return await dataset.query_items(keys, concurrency)
+
+        return get_portal().call(run)
 
     def query(
         self,
         keys: Sequence[K],
         collate_fn: Callable[[list[V]], Any] | None = None,
         wrapper: Any = np.array,
+        *,
+        concurrency: int | None = None,
     ) -> Any:
         ensure_blocking_allowed("dataset.sync.query()", "`await dataset.query(keys)`")
-        return get_portal().call(self.dataset.query, keys, collate_fn, wrapper)
+        dataset = self.dataset
+
+        async def run() -> Any:
+            return await dataset.query(keys, collate_fn, wrapper, concurrency=concurrency)
+
+        return get_portal().call(run)
 
     def batches(
         self,
@@ -153,11 +195,22 @@ class SyncView(Generic[K, V]):
         wrapper: Any = np.array,
         drop_incomplete: bool = False,
         concurrency: int | None = None,
+        **options: Any,
     ) -> SyncBatches[K]:
-        """Blocking :meth:`Dataset.batches`; the next batches load meanwhile."""
+        """Blocking :meth:`Dataset.batches` (same arguments); the next batches load meanwhile.
+
+        >>> from mlworkflow_async import DictDataset
+        >>> stream = DictDataset({i: i for i in range(6)}).sync.batches(2, shuffle=3)
+        >>> first = next(stream)
+        >>> state = stream.state_dict()
+        >>> stream.close()
+        >>> resumed = DictDataset({i: i for i in range(6)}).sync.batches(2, shuffle=3, resume=state)
+        >>> sorted(first[0] + [k for keys, _ in resumed for k in keys])
+        [0, 1, 2, 3, 4, 5]
+        """
         ensure_blocking_allowed("dataset.sync.batches()", "`async for ... in dataset.batches()`")
         stream = self.dataset.batches(
-            batch_size, keys, collate_fn, wrapper, drop_incomplete, concurrency
+            batch_size, keys, collate_fn, wrapper, drop_incomplete, concurrency, **options
         )
         return SyncBatches(stream)
 
@@ -165,12 +218,13 @@ class SyncView(Generic[K, V]):
         return f"<blocking view of {self.dataset!r}>"
 
 
-class PickledDataset(_pickled.PickledDataset):
-    """:class:`mlworkflow_async.PickledDataset` with a blocking :meth:`create`.
+class PickledDataset(SyncView[Any, Any]):
+    """The blocking twin of :class:`mlworkflow_async.PickledDataset`.
 
     The seed's script API, as it was: ``PickledDataset.create(dataset, path)``
-    then ``PickledDataset(path)``. Reading is the same class; use ``ds.sync``
-    for blocking reads.
+    blocks and returns the item count, then ``PickledDataset(path)`` opens the
+    file for blocking reads (``query_item``, ``batches``...). Both run the one
+    async implementation; :attr:`dataset` is the async dataset itself.
 
     >>> import os, tempfile
     >>> from mlworkflow_async import DictDataset
@@ -178,19 +232,22 @@ class PickledDataset(_pickled.PickledDataset):
     >>> PickledDataset.create(DictDataset({1: "a", 2: "b"}), path)
     2
     >>> with PickledDataset(path) as ds:
-    ...     print(ds.sync.query_item(2), len(ds))
+    ...     print(ds.query_item(2), len(ds))
     b 2
     """
 
+    dataset: _pickled.PickledDataset
+
+    def __init__(self, path: Any, **options: Any) -> None:
+        super().__init__(_pickled.PickledDataset(path, **options))
+
     @classmethod
-    def create(  # type: ignore[override]
+    def create(
         cls,
         dataset: Any,
         path: Any,
         keys: Iterable[Any] | None = None,
-        *,
-        concurrency: int = 256,
-        progress: bool = False,
+        **options: Any,
     ) -> int:
         """Blocking :meth:`mlworkflow_async.PickledDataset.create`; returns the item count."""
         ensure_blocking_allowed(
@@ -200,9 +257,27 @@ class PickledDataset(_pickled.PickledDataset):
         create = _pickled.PickledDataset.create
 
         async def run() -> int:
-            return await create(
-                dataset, path, keys, concurrency=concurrency, progress=progress
-            )
+            return await create(dataset, path, keys, **options)
 
         count: int = get_portal().call(run)
         return count
+
+    @property
+    def path(self) -> str:
+        return self.dataset.path
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.dataset.context
+
+    def close(self) -> None:
+        """Close the file; arrays already read stay valid."""
+        self.dataset.close()
+
+    def __enter__(self) -> PickledDataset:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -59,9 +59,11 @@ class Counting(Dataset[Any, Any]):
         finally:
             self.active -= 1
 
-    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
+    async def query_items(
+        self, keys: Sequence[Any], concurrency: int | None = None
+    ) -> list[Any]:
         if not self.batched_queries:
-            return await super().query_items(keys)
+            return await super().query_items(keys, concurrency)
         self.bulk_calls.append(list(keys))
         for key in keys:
             self.fetches[key] += 1

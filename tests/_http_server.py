@@ -4,6 +4,11 @@ It serves in-memory files from a thread of the test process, after a small
 delay per request, and records the largest number of requests it was
 processing at the same time: the figure the downloader tests check their
 concurrency bound against. Unknown paths answer 404.
+
+Two kinds of files misbehave on purpose, to test what a client leaves on
+disk: a *held* file's reply stops after half its body until ``release`` is
+set (``half_sent`` tells when it got there), and a *cut* file's connection
+closes after half its body, short of the length its headers promised.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,9 +33,19 @@ def sha256(data: bytes) -> str:
 class FileServer:
     """What a running server serves and what it saw."""
 
-    def __init__(self, files: dict[str, bytes], delay: float) -> None:
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        delay: float,
+        held: frozenset[str] = frozenset(),
+        cut: frozenset[str] = frozenset(),
+    ) -> None:
         self.files = files
         self.delay = delay
+        self.held = held
+        self.cut = cut
+        self.half_sent = threading.Event()
+        self.release = threading.Event()
         self.base_url = ""
         self.active = 0
         self.max_active = 0
@@ -60,7 +75,8 @@ def _handler(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
             state.enter()
             try:
                 time.sleep(state.delay)
-                body = state.files.get(self.path.lstrip("/"))
+                name = self.path.lstrip("/")
+                body = state.files.get(name)
             finally:
                 # Before the reply is written: a client cannot start its next
                 # request while this one still counts, so the count never
@@ -73,7 +89,17 @@ def _handler(state: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if name not in state.held and name not in state.cut:
+                self.wfile.write(body)
+                return
+            half = len(body) // 2
+            self.wfile.write(body[:half])  # unbuffered: on the wire now
+            if name in state.cut:
+                self.close_connection = True
+                return
+            state.half_sent.set()
+            state.release.wait(60)
+            self.wfile.write(body[half:])
 
         def log_message(self, format: str, *args: object) -> None:
             pass
@@ -93,9 +119,17 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_files(files: dict[str, bytes], delay: float = 0.003) -> Iterator[FileServer]:
-    """Serve ``files`` (name -> bytes) on 127.0.0.1 for the duration of the block."""
-    state = FileServer(files, delay)
+def serve_files(
+    files: dict[str, bytes],
+    delay: float = 0.003,
+    held: Iterable[str] = (),
+    cut: Iterable[str] = (),
+) -> Iterator[FileServer]:
+    """Serve ``files`` (name -> bytes) on 127.0.0.1 for the duration of the block.
+
+    The names in ``held`` and ``cut`` misbehave as the module says.
+    """
+    state = FileServer(files, delay, frozenset(held), frozenset(cut))
     server = _Server(("127.0.0.1", 0), _handler(state))
     state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(
@@ -110,6 +144,7 @@ def serve_files(files: dict[str, bytes], delay: float = 0.003) -> Iterator[FileS
         yield state
     finally:
         sys.setswitchinterval(interval)
+        state.release.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

@@ -38,7 +38,7 @@ async def test_seed_example() -> None:
     dataset = PermutingDataset(DictDataset(SEED))
     expected = ["aa", "ab", "ba", "bb", "ca", "cb", "da", "db", "ea", "eb", "fa", "fb"]
     assert await all_items(dataset) == expected
-    assert (await dataset.keys.all())[:3] == ((1, 0), (1, 1), (2, 0))
+    assert (await dataset.keys.all())[:3] == [(1, 0), (1, 1), (2, 0)]
 
 
 async def test_async_augment() -> None:
@@ -54,7 +54,7 @@ async def test_zero_one_or_many_children() -> None:
                 yield (root_key, i), root_item * (i + 1)
 
     dataset = Repeat(DictDataset(SEED))
-    assert await dataset.keys.all() == ((1, 0), (2, 0), (2, 1), (4, 0), (5, 0), (5, 1))
+    assert await dataset.keys.all() == [(1, 0), (2, 0), (2, 1), (4, 0), (5, 0), (5, 1)]
     assert await all_items(dataset) == ["a", "b", "bb", "d", "e", "ee"]
 
 
@@ -128,7 +128,7 @@ async def test_custom_root_key() -> None:
             return int(key.split("/")[0])
 
     dataset = Split(DictDataset({1: "xy", 2: "z"}))
-    assert await dataset.keys.all() == ("1/0", "1/1", "2/0")
+    assert await dataset.keys.all() == ["1/0", "1/1", "2/0"]
     assert await dataset.query_item("1/1") == "y"
     assert await dataset.query_items(["2/0", "1/0"]) == ["z", "x"]
 

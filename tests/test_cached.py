@@ -128,10 +128,10 @@ async def test_query_items_fetches_only_the_missing_in_one_parent_call() -> None
     assert cached.context == {"v": 1}
     await cached.query_item(2)
     assert await cached.query_items([1, 2, 3, 1]) == ["a", "b", "c", "a"]
-    assert parent.bulk_calls == [[1, 3]]
+    assert parent.bulk_calls == [[2], [1, 3]]
     batches = [batch async for _, batch in cached.batches(3, wrapper=list)]
     assert batches == [["a", "b", "c"], ["d", "e", "f"]]
-    assert parent.bulk_calls == [[1, 3], [4, 5, 6]]
+    assert parent.bulk_calls == [[2], [1, 3], [4, 5, 6]]
 
 
 async def test_keys_and_length_are_the_parents() -> None:

@@ -36,7 +36,7 @@ def test_yield_keys_may_be_a_plain_generator() -> None:
             return -key
 
     ds = Gen()
-    assert ds.sync.keys.all() == (0, 1, 2)
+    assert ds.sync.keys.all() == [0, 1, 2]
     assert len(ds) == 3
 
 
@@ -87,5 +87,5 @@ async def test_subset_keeps_given_order_and_length() -> None:
     parent = DictDataset({i: i * i for i in range(10)})
     sub = Subset(parent, [7, 2, 5])
     assert len(sub) == 3
-    assert await sub.keys.all() == (7, 2, 5)
+    assert await sub.keys.all() == [7, 2, 5]
     assert [b.tolist() async for _, b in sub.batches(2)] == [[49, 4], [25]]

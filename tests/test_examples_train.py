@@ -13,6 +13,7 @@ import pytest
 
 import mlworkflow_async.sync as blocking
 from examples import train_loop
+from mlworkflow_async import DictDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_loop.py"
@@ -44,13 +45,79 @@ def test_loss_falls_and_accuracy_is_well_above_chance(
     # The cache is a real PickledDataset file, reused by the next run.
     with blocking.PickledDataset(data) as ds:
         assert len(ds) == 2048
-        item = ds.sync.query_item(5)
+        item = ds.query_item(5)
         assert item["x"].shape == (20,)
         assert item["y"] in (0.0, 1.0)
     assert train_loop.main(argv) == 0
     again = capsys.readouterr().out
     assert again.startswith(f"using cached data in {data}")
     assert results(again) == (losses, accuracy)  # deterministic from the seed
+
+
+def test_a_cache_of_other_data_is_generated_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "train.pickle"
+    base = ["--data", str(data), "--epochs", "1", "--batch-size", "16"]
+    assert train_loop.main([*base, "--items", "400"]) == 0
+    assert capsys.readouterr().out.startswith(f"cached 400 items in {data}")
+
+    # Asking for 50 items rebuilds the cache, and says why.
+    assert train_loop.main([*base, "--items", "50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"rebuilding {data}: it holds other data (items 400 -> 50)"
+    assert lines[1].startswith(f"cached 50 items in {data}")
+    final = FINAL.search(lines[-1])
+    assert final is not None
+    assert final.group(1) == "50"  # trained on the 50 items asked for
+    with blocking.PickledDataset(data) as ds:
+        assert len(ds) == 50
+        assert ds.context == {
+            "generated_with": {"items": 50, "features": 20, "separation": 3.0, "seed": 0}
+        }
+
+    # The same settings reuse it; any other setting that shapes the data does not.
+    assert train_loop.main([*base, "--items", "50"]) == 0
+    assert capsys.readouterr().out.startswith(f"using cached data in {data}")
+    assert train_loop.main([*base, "--items", "50", "--features", "4", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rebuilding {data}: it holds other data (features 20 -> 4, seed 0 -> 7)")
+    with blocking.PickledDataset(data) as ds:
+        assert ds.query_item(0)["x"].shape == (4,)
+    # Generated again, the data is exactly what a fresh cache holds.
+    fresh = tmp_path / "fresh.pickle"
+    train_loop.prepare(fresh, items=50, features=4, separation=3.0, seed=7)
+    with blocking.PickledDataset(data) as ds, blocking.PickledDataset(fresh) as other:
+        keys = ds.keys.all()
+        assert keys == other.keys.all()
+        a, b = ds.query(keys), other.query(keys)
+        assert (a["x"] == b["x"]).all()
+        assert (a["y"] == b["y"]).all()
+
+
+def test_a_cache_that_does_not_say_what_it_holds_is_generated_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "train.pickle"
+    # A cache written before the settings were recorded: no context.
+    blocking.PickledDataset.create(DictDataset({i: {"x": [0.0], "y": 0.0} for i in range(9)}), data)
+    assert train_loop.main(["--data", str(data), "--items", "64", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rebuilding {data}: it does not say which data it holds\n")
+    with blocking.PickledDataset(data) as ds:
+        assert len(ds) == 64
+
+
+def test_a_file_that_is_not_a_dataset_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "notes.txt"
+    data.write_text("someone's notes, not a cache\n")
+    assert train_loop.main(["--data", str(data), "--items", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data} is not a readable PickledDataset file")
+    assert f"pass another --data, or remove {data}" in err
+    assert data.read_text() == "someone's notes, not a cache\n"
 
 
 def test_train_returns_the_history(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
 
-from mlworkflow_async import DictDataset, FilteredDataset, KeysNotReadyError
+from mlworkflow_async import DictDataset, FilteredDataset, KeysNotReadyError, TransformedDataset
 from tests._datasets import Counting
 from tests.conftest import wait_until
 
@@ -46,38 +48,55 @@ async def test_async_predicates() -> None:
 async def test_keep_positive_false_keeps_the_rejected() -> None:
     parent = DictDataset(SEED)
     odd = FilteredDataset(parent, lambda k: k % 2 == 0, keep_positive=False)
-    assert await odd.keys.all() == (1, 3, 5)
+    assert await odd.keys.all() == [1, 3, 5]
     odd_pairs = FilteredDataset(parent, lambda k, v: k % 2 == 0, keep_positive=False)
     assert await items_of(odd_pairs) == ["a", "c", "e"]
 
 
 async def test_numpy_bools_are_bools() -> None:
     ds = FilteredDataset(DictDataset(SEED), lambda k: np.bool_(k > 4))
-    assert await ds.keys.all() == (5, 6)
+    assert await ds.keys.all() == [5, 6]
     assert await ds.query_item(6) == "f"
 
 
 async def test_key_predicate_never_fetches_items_to_filter() -> None:
     parent = Counting(SEED)
     ds = FilteredDataset(parent, lambda k: k % 2 == 0)
-    assert await ds.keys.all() == (2, 4, 6)
+    assert await ds.keys.all() == [2, 4, 6]
     assert parent.total == 0
     assert await ds.query_items([2, 4]) == ["b", "d"]
     assert await ds.query_item(6) == "f"
     assert parent.fetches == {2: 1, 4: 1, 6: 1}
 
 
-async def test_pair_predicate_fetches_each_item_once_for_keys_then_items() -> None:
+async def test_pair_predicate_fetches_each_item_once_for_a_stream() -> None:
     parent = Counting({i: str(i) for i in range(40)})
     ds = FilteredDataset(parent, lambda k, v: v.endswith("3"))
-    keys = await ds.keys.all()
-    assert keys == (3, 13, 23, 33)
-    assert parent.total == 40  # judging needs every item once
-    assert [await ds.query_item(key) for key in keys] == ["3", "13", "23", "33"]
-    assert parent.total == 40  # the kept ones were held, not fetched again
+    got = [(keys, batch) async for keys, batch in ds.batches(2, wrapper=list)]
+    assert got == [([3, 13], ["3", "13"]), ([23, 33], ["23", "33"])]
+    assert parent.total == 40  # judging needs every item once; the kept ones were held
     # Held only until queried once: nothing is kept forever.
     assert await ds.query_item(13) == "13"
     assert parent.fetches[13] == 2
+
+
+async def test_pair_predicate_keys_alone_hold_no_item() -> None:
+    made: list[weakref.ref[np.ndarray]] = []
+
+    def fresh(key: int, item: int) -> np.ndarray:
+        array = np.full(1000, item)
+        made.append(weakref.ref(array))
+        return array
+
+    ds = FilteredDataset(
+        TransformedDataset(DictDataset({i: i for i in range(300)}), [fresh]),
+        lambda k, v: True,
+    )
+    keys = await ds.keys.all()  # no reader claims keys: nothing to hold for
+    assert len(keys) == 300
+    gc.collect()
+    assert len(made) == 300
+    assert [ref for ref in made if ref() is not None] == []
 
 
 async def test_pair_predicate_interleaved_and_query_items() -> None:
@@ -91,21 +110,23 @@ async def test_pair_predicate_interleaved_and_query_items() -> None:
     ds2 = FilteredDataset(parent := Counting({i: i for i in range(10)}), lambda k, v: v > 4)
     keys = await ds2.keys.all()
     assert await ds2.query_items(keys) == [5, 6, 7, 8, 9]
-    assert set(parent.fetches.values()) == {1}
+    assert parent.fetches == {**dict.fromkeys(range(5), 1), **dict.fromkeys(range(5, 10), 2)}
 
 
-async def test_pair_buffer_is_bounded() -> None:
+async def test_pair_buffer_is_bounded_by_the_reader() -> None:
     parent = Counting({i: i for i in range(100)})
     ds = FilteredDataset(parent, lambda k, v: True, buffer_size=6)
+    reader = aiter(ds.keys)  # a live reader, claiming one key at a time
     keys = await ds.keys.all()
     assert len(keys) == 100
     assert parent.total == 100
-    # Only the last few judged items (buffer_size, give or take a chunk of
-    # discovery) are still held; the rest are fetched again.
+    # Only what the reader may still claim (twice its one key) plus the last
+    # step of discovery (buffer_size // 2 items) is held; the rest is fetched again.
     assert await ds.query_items(list(keys)) == list(range(100))
     refetched = [key for key, count in parent.fetches.items() if count == 2]
-    assert 100 - 2 * 6 <= len(refetched) < 100
+    assert 100 - (2 * 1 + 6 // 2) <= len(refetched) < 100
     assert parent.fetches[99] == 1
+    del reader
 
 
 async def test_query_item_on_rejected_or_missing_key_names_it() -> None:
@@ -193,7 +214,7 @@ async def test_batches_delegate_to_parent_and_context() -> None:
 def test_blocking_view_and_successive_event_loops() -> None:
     ds = FilteredDataset(DictDataset(SEED), lambda k, v: v > "b")
     assert asyncio.run(ds.query_item(3)) == "c"
-    assert ds.sync.keys.all() == (3, 4, 5, 6)
+    assert ds.sync.keys.all() == [3, 4, 5, 6]
     assert asyncio.run(ds.query_items([4, 6])) == ["d", "f"]
     assert [batch.tolist() for _, batch in ds.sync.batches(3)] == [["c", "d", "e"], ["f"]]
 
@@ -211,7 +232,7 @@ async def test_interrupted_key_discovery_resumes_where_it_stopped() -> None:
     ds = FilteredDataset(parent, flaky)
     with pytest.raises(OSError, match="flaky storage"):
         await ds.keys.all()
-    assert await ds.keys.all() == tuple(range(100))
+    assert await ds.keys.all() == list(range(100))
     assert parent.fetches[0] == 1  # chunks judged before the failure are not redone
     assert parent.total < 200
 
@@ -226,7 +247,7 @@ async def test_cancelled_key_discovery_loses_nothing() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     gate.set()
-    assert await ds.keys.all() == tuple(range(0, 40, 4))
+    assert await ds.keys.all() == list(range(0, 40, 4))
     assert await ds.query_items([0, 36]) == ["0", "36"]
 
 

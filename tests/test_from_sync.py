@@ -17,7 +17,7 @@ async def test_real_mlworkflow_dict_dataset() -> None:
     legacy = mlworkflow.DictDataset({i: {"x": float(i)} for i in range(3000)})
     ds = from_sync(legacy)
     keys = await ds.keys.all()
-    assert keys == tuple(range(3000))
+    assert keys == list(range(3000))
     assert len(ds) == 3000
     assert await ds.query_item(7) == {"x": 7.0}
     total = [b["x"].sum() async for _, b in ds.batches(500, concurrency=8)]
@@ -60,7 +60,7 @@ def test_from_sync_across_loops_and_the_sync_view() -> None:
     ds = from_sync(mlworkflow.DictDataset({"a": 1, "b": 2}), limiter=2)
     assert asyncio.run(ds.query_item("a")) == 1
     assert asyncio.run(ds.query_item("b")) == 2
-    assert ds.sync.keys.all() == ("a", "b")
+    assert ds.sync.keys.all() == ["a", "b"]
 
 
 async def test_errors_of_the_wrapped_dataset_propagate() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -53,7 +54,7 @@ async def test_break_early_then_continue_from_cache() -> None:
             break
     assert first == [0, 1, 2, 3]
     assert ds.pulled == 4
-    assert await ds.keys.all() == tuple(range(10))
+    assert await ds.keys.all() == list(range(10))
     assert ds.starts == 1
 
 
@@ -92,7 +93,7 @@ async def test_cancelled_pull_resumes_without_losing_or_repeating_keys() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     gate.set()
-    assert await ds.keys.all() == (0, 1, 2, 3, 4)
+    assert await ds.keys.all() == [0, 1, 2, 3, 4]
 
 
 async def _take(keys: object, n: int) -> AsyncIterator[int]:
@@ -115,7 +116,7 @@ def test_same_dataset_across_event_loops() -> None:
 
     assert asyncio.run(partial()) == [0, 1, 2]
     # The first loop closed its async generators on exit; keys still complete.
-    assert asyncio.run(rest()) == tuple(range(6))
+    assert asyncio.run(rest()) == list(range(6))
 
     async def batches() -> list[list[int]]:
         return [batch.tolist() async for _, batch in ds.batches(4)]
@@ -142,20 +143,28 @@ async def test_key_source_error_propagates_and_can_be_retried() -> None:
     ds = Flaky()
     with pytest.raises(OSError, match="listing failed"):
         await ds.keys.all()
-    assert await ds.keys.all() == (0, 1)
+    assert await ds.keys.all() == [0, 1]
 
 
-async def test_reach_is_the_most_keys_one_reader_claimed_at_once() -> None:
+async def test_reach_is_the_most_keys_a_live_reader_claims_at_once() -> None:
     keys = CountingKeys(100).keys
+    assert keys.reach == 0  # nobody reads: discovery needs to hold nothing
+    iterator = aiter(keys)
     assert keys.reach == 1  # one key at a time, as `async for` reads them
-    assert [key async for key in keys][:2] == [0, 1]
+    assert [await anext(iterator), await anext(iterator)] == [0, 1]
+
+    class Reader:
+        pass
+
+    reader = Reader()
+    keys.claim(reader, 20)
+    assert keys.reach == 20
+    keys.release(reader)
     assert keys.reach == 1
-    assert await keys.slice(10, 30) == list(range(10, 30))
-    assert keys.reach == 20
-    assert await keys.chunk_from(0, 5) == (0, 1, 2, 3, 4)
-    assert keys.reach == 20
-    await keys.all()  # everything at once is not a claim to hold for
-    assert keys.reach == 20
+    keys.claim(reader, 30)
+    del reader, iterator
+    gc.collect()
+    assert keys.reach == 0  # readers are held weakly: gone, they claim nothing
 
 
 async def test_iterators_made_before_the_keys_are_looked_at_see_them_all() -> None:

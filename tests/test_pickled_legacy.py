@@ -35,7 +35,7 @@ async def test_reads_original_files_with_their_context(tmp_path: Path, context: 
         assert ds.format_version == 0
         assert "original mlworkflow" in repr(ds)
         assert ds.context == (context or {})
-        assert await ds.keys.all() == tuple(ITEMS)
+        assert await ds.keys.all() == list(ITEMS)
         keys = list(ITEMS)[::-1]
         for key, item in zip(keys, await ds.query_items(keys), strict=True):
             assert_same(ITEMS[key], item)

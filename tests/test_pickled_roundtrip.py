@@ -59,7 +59,7 @@ async def test_roundtrip_of_varied_items_with_namedtuple_keys(tmp_path: Any) -> 
     path = tmp_path / "varied.pkl"
     assert await PickledDataset.create(DictDataset(VARIED), path) == len(VARIED)
     with PickledDataset(path) as ds:
-        assert await ds.keys.all() == tuple(VARIED)
+        assert await ds.keys.all() == list(VARIED)
         items = await ds.query_items(list(VARIED))
         for key, item in zip(VARIED, items, strict=True):
             if key.name == "class":
@@ -261,7 +261,7 @@ async def test_duplicate_and_subset_and_async_keys(tmp_path: Any) -> None:
 
     await PickledDataset.create(source, tmp_path / "sub.pkl", keys=some_keys())
     with PickledDataset(tmp_path / "sub.pkl") as ds:
-        assert await ds.keys.all() == (7, 2, 5)
+        assert await ds.keys.all() == [7, 2, 5]
         assert await ds.query_items([5, 7]) == ["5", "7"]
 
 

@@ -45,7 +45,7 @@ def test_sync_view_from_a_plain_thread() -> None:
     assert not thread.is_alive()
     assert results["len_before"] == "not ready"
     assert results["keys"] == list(range(2500))
-    assert results["all"] == tuple(range(2500))
+    assert results["all"] == list(range(2500))
     assert results["len"] == 2500
     assert results["item"] == 6
     assert results["items"] == [2, 3]
@@ -89,7 +89,7 @@ def test_blocking_pickled_create_round_trip(tmp_path: Any) -> None:
     assert PickledDataset.create(DictDataset({i: {"v": i} for i in range(50)}), path) == 50
     with PickledDataset(path) as ds:
         assert len(ds) == 50
-        assert ds.sync.query_item(7) == {"v": 7}
+        assert ds.query_item(7) == {"v": 7}
 
 
 async def test_blocking_pickled_create_refuses_inside_a_loop(tmp_path: Any) -> None:

@@ -109,7 +109,6 @@ async def test_bulk_parent_stays_bulk() -> None:
     dataset = TransformedDataset(parent, [lambda k, v: v + v])
     assert dataset.batched_queries
     assert dataset.context == "ctx"
-    assert not TransformedDataset(DictDataset(SEED)).batched_queries
     batches = [batch async for _, batch in dataset.batches(4, wrapper=list)]
     assert batches == [["aa", "bb", "cc", "dd"], ["ee", "ff"]]
     assert parent.bulk_calls == [[1, 2, 3, 4], [5, 6]]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import inspect
 from abc import abstractmethod
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
-from itertools import chain
-from operator import itemgetter, length_hint
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterable, Hashable, Iterable, Sequence
+from operator import itemgetter
+from typing import Any, TypeVar
 
-from .._core._amap import map_concurrently, map_each
 from .._core._callables import is_async_callable
 from .._core._dataset import Dataset
+from .._core._engine import map_ordered
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
@@ -77,10 +76,7 @@ class AugmentedDataset(Derived[K, V]):
         self._async_augment = is_async_callable(self.augment) or inspect.isasyncgenfunction(
             self.augment
         )
-        # A generator function always returns a generator: nothing to check per root.
-        self._generator_augment = inspect.isgeneratorfunction(self.augment)
         self._roots_checked = False
-        self._root_data = self._roots.data
         self._default_root_key = type(self).root_key is AugmentedDataset.root_key
 
     @abstractmethod
@@ -93,11 +89,9 @@ class AugmentedDataset(Derived[K, V]):
         """The key of the root item ``key`` derives from: ``key[0]`` by default."""
         return key[0]  # type: ignore[index]
 
-    @property
-    def batched_queries(self) -> bool:  # type: ignore[override]
-        # query_items() groups children by root and fetches the missing roots
-        # in one parent call: whole batches are always cheaper than items.
-        return True
+    # query_items() groups children by root and fetches the missing roots in
+    # one parent call: whole batches are always cheaper than items.
+    batched_queries = True
 
     # -- augmenting ------------------------------------------------------
 
@@ -133,98 +127,52 @@ class AugmentedDataset(Derived[K, V]):
             f"generator or an async generator of (child_key, child_item) pairs"
         )
 
-    def _expand_sync(self, root_key: Any, root_item: Any) -> dict[K, V]:
-        """The children of one root, by child key, in the order ``augment`` made them."""
-        try:
-            made = self.augment(root_key, root_item)
-            try:
-                pairs = iter(made)  # type: ignore[arg-type]
-            except TypeError:
-                raise self._not_pairs(made) from None
-            children = dict(pairs)
-        except Exception as exc:
-            self._note(exc, root_key)
-            raise
+    def _children(self, root_key: Any, pairs: list[tuple[K, V]]) -> dict[K, V]:
+        children = dict(pairs)
+        if len(children) != len(pairs):
+            seen: set[K] = set()
+            for child_key, _ in pairs:
+                if child_key in seen:
+                    raise ValueError(
+                        f"{type(self).__name__}.augment() made child key {child_key!r} twice "
+                        f"from root key {root_key!r}; every child key must be unique"
+                    )
+                seen.add(child_key)
         if not self._roots_checked:
             self._check_roots(root_key, children)
         return children
 
-    def _expand_many_sync(self, root_keys: list[Any], items: Sequence[Any]) -> list[dict[K, V]]:
-        # The hot path of key discovery: many roots in one loop.
-        if len(items) != len(root_keys):
-            raise RuntimeError(
-                f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
-                f"for {len(root_keys)} keys; it must return one item per key, in order"
-            )
-        if self._generator_augment:
-
-            def noted(exc: Exception, index: int) -> None:
-                self._note(exc, root_keys[index])
-
-            groups: list[dict[K, V]] = map_each(
-                dict, map(self.augment, root_keys, items), on_error=noted
-            )
-        else:
-            groups = self._expand_each_sync(root_keys, items)
-        if not self._roots_checked:
-            for root_key, children in zip(root_keys, groups, strict=True):
-                self._check_roots(root_key, children)
-                if self._roots_checked:
-                    break
-        return groups
-
-    def _expand_each_sync(self, root_keys: list[Any], items: Sequence[Any]) -> list[dict[K, V]]:
-        """Root by root, checking that ``augment`` returned pairs at all."""
-        augment = self.augment
-        groups: list[dict[K, V]] = []
-        root_key: Any = None
-        made: Any = _UNSET
+    async def _augment_one(self, root_key: Any, root_item: Any) -> dict[K, V]:
+        """The children of one root, by child key, in the order ``augment`` made them."""
+        made: Any = None
         try:
-            for root_key, root_item in zip(root_keys, items, strict=True):
-                made = _UNSET
-                made = augment(root_key, root_item)
-                groups.append(dict(made))
+            made = self.augment(root_key, root_item)
+            if inspect.isawaitable(made):
+                made = await made
+            is_async = isinstance(made, AsyncIterable)
+            pairs = [pair async for pair in made] if is_async else list(made)
+            return self._children(root_key, pairs)
         except Exception as exc:
-            if made is not _UNSET and not isinstance(made, Iterable):
+            if made is not None and not isinstance(made, Iterable | AsyncIterable):
                 error = self._not_pairs(made)
                 self._note(error, root_key)
                 raise error from None
             self._note(exc, root_key)
             raise
-        return groups
-
-    async def _expand(self, root_key: Any, root_item: Any) -> dict[K, V]:
-        if not self._async_augment:
-            return self._expand_sync(root_key, root_item)
-        try:
-            made: Any = self.augment(root_key, root_item)
-            if inspect.isawaitable(made):
-                made = await made
-            if isinstance(made, AsyncIterable):
-                children = {child_key: child async for child_key, child in made}
-            elif isinstance(made, Iterable):
-                children = dict(made)
-            else:
-                raise self._not_pairs(made)
-        except Exception as exc:
-            self._note(exc, root_key)
-            raise
-        if not self._roots_checked:
-            self._check_roots(root_key, children)
-        return children
-
-    async def _load_root(self, root_key: Any) -> dict[K, V]:
-        root_item = await self.parent.query_item(root_key)
-        if self._async_augment:
-            return await self._expand(root_key, root_item)
-        return self._expand_sync(root_key, root_item)
 
     async def _load_roots(self, root_keys: list[Any]) -> list[dict[K, V]]:
-        items = await self.parent.query_items(root_keys)
-        if not self._async_augment:
-            return self._expand_many_sync(root_keys, items)
-        pairs = list(zip(root_keys, items, strict=True))
-        return await map_concurrently(lambda pair: self._expand(*pair), pairs)
+        """Fetch roots in one parent call and augment them: the one path to children."""
+        items = await self._parent_items(root_keys)
+        if self._async_augment:
+            return await map_ordered(
+                lambda index: self._augment_one(root_keys[index], items[index]),
+                range(len(root_keys)),
+                len(root_keys),
+                self,
+            )
+        # A plain generator never suspends: one root after the other, no task.
+        augment_one = self._augment_one
+        return [await augment_one(key, item) for key, item in zip(root_keys, items, strict=True)]
 
     # -- keys ------------------------------------------------------------
 
@@ -241,34 +189,25 @@ class AugmentedDataset(Derived[K, V]):
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
         root_keys = list(root_keys)
-        if self._generator_augment and self._roots_checked:
-            items = await self.parent.query_items(root_keys)
-            children = self._children_of_many(root_keys, items)
-        else:
-            children = {}
-            deque(map(children.update, await self._load_roots(root_keys)), maxlen=0)
+        groups = await self._load_roots(root_keys)
+        children: dict[K, V] = {}
+        deque(map(children.update, groups), maxlen=0)
+        if len(children) != sum(map(len, groups)):
+            self._shared_child(root_keys, groups)
         self._discovered.add(children, self.keys.reach)
         return list(children)
 
-    def _children_of_many(self, root_keys: list[Any], items: Sequence[Any]) -> dict[K, V]:
-        """The children of many roots in one mapping: the hot path of key discovery.
-
-        Made in one C-level pass, without a mapping per root; only for
-        generator functions, which always return generators.
-        """
-        if len(items) != len(root_keys):
-            raise RuntimeError(
-                f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
-                f"for {len(root_keys)} keys; it must return one item per key, in order"
-            )
-        augment = cast(Callable[[Any, Any], Iterable[tuple[K, V]]], self.augment)
-        remaining = iter(root_keys)
-        try:
-            return dict(chain.from_iterable(map(augment, remaining, items)))
-        except Exception as exc:
-            # Roots are taken one at a time, as their generator is needed.
-            self._note(exc, root_keys[len(root_keys) - length_hint(remaining) - 1])
-            raise
+    def _shared_child(self, root_keys: list[Any], groups: list[dict[K, V]]) -> None:
+        owner: dict[K, Any] = {}
+        for root_key, group in zip(root_keys, groups, strict=True):
+            for child_key in group:
+                if child_key in owner:
+                    raise ValueError(
+                        f"{type(self).__name__}.augment() made child key {child_key!r} from "
+                        f"root keys {owner[child_key]!r} and {root_key!r}; every child key "
+                        f"must be unique"
+                    )
+                owner[child_key] = root_key
 
     # -- items -----------------------------------------------------------
 
@@ -278,26 +217,9 @@ class AugmentedDataset(Derived[K, V]):
             f"make it from root key {root_key!r} (the root its root_key() names)"
         )
 
-    async def query_item(self, key: K) -> V:
-        try:
-            # Keys read in order are in the chunk discovered last.
-            return self._discovered.newest[key]
-        except KeyError:
-            pass
-        child = self._discovered.get(key)
-        if child is not MISSING:
-            return child
-        root_key = key[0] if self._default_root_key else self.root_key(key)  # type: ignore[index]
-        # Roots leave in load order (no recency to refresh): a plain get.
-        children = self._root_data.get(root_key)
-        if children is None:
-            children = await self._roots.load(root_key, self._load_root)
-        try:
-            return children[key]
-        except KeyError:
-            raise self._unknown(key, root_key) from None
-
-    async def query_items(self, keys: Sequence[K]) -> list[V]:
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
         keys = list(keys)
         found = self._discovered.get_all(keys)
         if found is not None:

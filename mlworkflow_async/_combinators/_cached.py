@@ -6,11 +6,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TypeVar
 
-import anyio
-
 from .._core._dataset import Dataset
 from ._derived import SameKeys
-from ._memo import MISSING, Memo
+from ._memo import Memo
 
 __all__ = ["CachedDataset"]
 
@@ -38,7 +36,13 @@ class CachedDataset(SameKeys[K, V]):
     ({'a': 1, 'b': 2}, 2)
     """
 
+    batched_queries = True
+
     def __init__(self, parent: Dataset[K, V], maxsize: int | None = None) -> None:
+        if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)):
+            raise TypeError(
+                f"maxsize must be None (no bound) or an integer of at least 1, got {maxsize!r}"
+            )
         self.parent = parent
         self._memo: Memo[K, V] = Memo(maxsize)
 
@@ -56,51 +60,31 @@ class CachedDataset(SameKeys[K, V]):
         """Forget every cached item."""
         self._memo.clear()
 
-    # -- keys: those of the parent ---------------------------------------
-
-
-
-
-    # -- items -----------------------------------------------------------
-
-    async def query_item(self, key: K) -> V:
-        item = self._memo.lookup(key)
-        if item is not MISSING:
-            return item
-        return await self._memo.load(key, self.parent.query_item)
-
-    async def query_items(self, keys: Sequence[K]) -> list[V]:
-        return await self._memo.load_many(list(keys), self.parent.query_items)
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
+        return await self._memo.load_many(
+            list(keys), lambda missing: self._parent_items(missing, concurrency)
+        )
 
     async def fill(self, concurrency: int = 64) -> CachedDataset[K, V]:
         """Load every item (at most ``concurrency`` fetches at once); returns ``self``.
 
         With ``maxsize``, stops once the cache is full.
         """
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+            raise TypeError(f"concurrency must be an integer of at least 1, got {concurrency!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        chunk = min(_FILL_CHUNK, concurrency)
-        slots = anyio.Semaphore(max(1, concurrency // chunk))
-        keys = self.keys
         memo = self._memo
         maxsize = memo.maxsize
-
-        async def load(batch: Sequence[K]) -> None:
-            try:
-                await self.query_items(batch)
-            finally:
-                slots.release()
-
+        engine = self._engine(self.keys, min(_FILL_CHUNK, concurrency), concurrency)
         try:
-            async with anyio.create_task_group() as tg:
-                start = 0
-                while maxsize is None or len(memo.data) < maxsize:
-                    batch = await keys.chunk_from(start, chunk)
-                    if not batch:
-                        break
-                    start += len(batch)
-                    await slots.acquire()
-                    tg.start_soon(load, batch)
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
+            while maxsize is None or len(memo.data) < maxsize:
+                try:
+                    await engine.next_unit()
+                except StopAsyncIteration:
+                    break
+        finally:
+            await engine.aclose()
         return self

@@ -19,7 +19,6 @@ querying them does the work once.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -31,6 +30,8 @@ from collections.abc import (
 )
 from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
+
+import anyio
 
 from .._core._keys import KeySequence
 from ._memo import MISSING, _Missing
@@ -67,7 +68,7 @@ class ChunkedKeySequence(KeySequence[K]):
         if pulling is not None:
             await pulling.wait()
             return
-        pulling = self._pulling = asyncio.Event()
+        pulling = self._pulling = anyio.Event()
         try:
             # The base types its source as yielding keys; this one yields chunks.
             source = cast(AsyncIterator[Sequence[K]], self._aiter)
@@ -93,7 +94,7 @@ class DerivedKeyChunks(AsyncIterator[list[K]]):
     skipped.
     """
 
-    __slots__ = ("_derive", "_largest", "_parent_keys", "_size", "_start")
+    __slots__ = ("__weakref__", "_derive", "_largest", "_parent_keys", "_size", "_start")
 
     def __init__(
         self,
@@ -107,6 +108,7 @@ class DerivedKeyChunks(AsyncIterator[list[K]]):
         self._largest = max(1, largest)
         self._size = max(1, min(first, self._largest))
         self._start = 0
+        parent_keys.claim(self, self._largest)
 
     def __aiter__(self) -> DerivedKeyChunks[K]:
         return self
@@ -178,7 +180,11 @@ class Discovered(Generic[H, V]):
         chunks.append(values)
         self.newest = values
         self._size += len(values)
-        keep = max(self.minimum, 2 * reach + len(values))
+        # With no live reader nothing is about to be queried: hold nothing.
+        keep = max(self.minimum, 2 * reach + len(values)) if reach else self.minimum
+        if not keep:
+            self.clear()
+            return
         while len(chunks) > 1 and self._size - len(chunks[0]) >= keep:
             self._size -= len(chunks.popleft())
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from itertools import compress
+from itertools import compress, islice
 from operator import not_
 from types import CoroutineType
 from typing import Any, TypeVar
 
 import numpy as np
 
-from .._core._amap import map_concurrently, map_each
 from .._core._callables import describe, is_async_callable, positional_arity
 from .._core._dataset import Dataset
-from .._core._engine import add_key_note
+from .._core._engine import add_key_note, map_ordered
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
@@ -28,6 +28,8 @@ V = TypeVar("V")
 # keys come quickly, larger later to amortise the per-step cost.
 _FIRST_CHUNK = 16
 _KEY_CHUNK = 1024
+# Accepted keys held for the queries that follow, even with no reader: keys are light.
+_VETTED_KEPT = 1 << 16
 
 
 class FilteredDataset(Derived[K, V]):
@@ -47,20 +49,22 @@ class FilteredDataset(Derived[K, V]):
     >>> async def main():
     ...     return await by_key.keys.all(), await by_pair.query_items(await by_pair.keys.all())
     >>> asyncio.run(main())
-    ((2, 4), ['a', 'c'])
+    ([2, 4], ['a', 'c'])
 
     Keys are discovered lazily, so ``len()`` works once they all are. The
-    keys accepted while discovering them are remembered, and the items a
-    pair predicate fetched to judge them are held until queried once, as far
-    as key discovery may run ahead of the queries (the keys a reader claims
-    at once, such as a batch or a chunk of the blocking view, plus one step
-    of discovery), and for at least ``buffer_size`` items (0 holds none). So iterating keys
-    then querying them, by ``async for``, by batches or through the blocking
-    view, judges each key and fetches each item once; a key queried long
-    after it was discovered is judged again.
+    keys accepted while discovering them are remembered. The items a pair
+    predicate fetched to judge them are held until queried once, but only
+    while a reader (a batch stream, ``async for``, the blocking view) is
+    claiming keys, and only as far as it may still claim: twice the keys it
+    claims at once, plus the step of discovery in progress. Each step judges
+    at most ``buffer_size // 2`` parent items (the knob: less memory per
+    step against fewer steps); ``buffer_size=0`` holds none. So iterating
+    keys then querying them judges each key and fetches each item once,
+    while ``await ds.keys.all()`` alone holds no item at all.
     """
 
     parent: Dataset[K, V]
+    batched_queries = True
 
     def __init__(
         self,
@@ -87,18 +91,15 @@ class FilteredDataset(Derived[K, V]):
         self.by_pairs = arity == 2
         self.buffer_size = buffer_size
         self._async = is_async_callable(predicate)
-        self._sync_keys = not self._async and not self.by_pairs
         # Items fetched to judge pairs, until their first query.
-        self._pending: Discovered[K, V] = Discovered(buffer_size)
-        # Keys accepted by key discovery (values unused): not judged again.
-        self._vetted: Discovered[K, bool] = Discovered()
-
-
+        self._pending: Discovered[K, V] = Discovered()
+        # Keys accepted by key discovery, the latest ones: not judged again.
+        self._vetted: dict[K, None] = {}
 
     # -- judging ---------------------------------------------------------
 
     def _verdict(self, key: K, result: object) -> bool:
-        """``result`` as a bool; the fast path (a real bool) is inlined by callers."""
+        """``result`` as a bool, or a clear error."""
         if result is True or result is False:
             return result
         if isinstance(result, np.bool_):
@@ -112,52 +113,35 @@ class FilteredDataset(Derived[K, V]):
         raise TypeError(
             f"the predicate {describe(self.predicate)} returned a value of type "
             f"{type(result).__name__} for key {key!r}, but it must return a bool; convert "
-            f"explicitly, e.g. "
-            f"`lambda k: bool(...)`, if truthiness is really meant"
+            f"explicitly, e.g. `lambda k: bool(...)`, if truthiness is really meant"
         )
 
     def _note(self, exc: BaseException, key: K) -> None:
         exc.add_note(f"raised by predicate {describe(self.predicate)}")
         add_key_note(exc, key, self)
 
-    def _keeps_sync(self, key: K, *item: Any) -> bool:
-        try:
-            result = self.predicate(key, *item)
-            if result is not True and result is not False:
-                result = self._verdict(key, result)
-        except Exception as exc:
-            self._note(exc, key)
-            raise
-        return result is self.keep_positive
+    async def _judge(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
+        """Keep or not, for a batch of keys (and their items, for a pair predicate)."""
+        columns: tuple[Sequence[Any], ...] = (keys,) if items is None else (keys, items)
+        results: list[Any] = []
+        if self._async:
 
-    async def _keeps(self, key: K, *item: Any) -> bool:
-        if not self._async:
-            return self._keeps_sync(key, *item)
-        try:
-            result = await self.predicate(key, *item)  # type: ignore[misc]
-            if result is not True and result is not False:
-                result = self._verdict(key, result)
-        except Exception as exc:
-            self._note(exc, key)
-            raise
-        return result is self.keep_positive
+            async def one(index: int) -> Any:
+                try:
+                    predicate: Any = self.predicate
+                    return await predicate(*(column[index] for column in columns))
+                except Exception as exc:
+                    self._note(exc, keys[index])
+                    raise
 
-    def _judge_sync(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
-        """Keep or not, for many keys at once: the hot path, looping in C."""
-
-        def noted(exc: Exception, index: int) -> None:
-            self._note(exc, keys[index])
-
-        results: list[Any]
-        if items is None:
-            results = map_each(self.predicate, keys, on_error=noted)
+            results = await map_ordered(one, range(len(keys)), len(keys), self)
         else:
-            if len(items) != len(keys):
-                raise RuntimeError(
-                    f"{type(self.parent).__name__}.query_items() returned {len(items)} items "
-                    f"for {len(keys)} keys; it must return one item per key, in order"
-                )
-            results = map_each(self.predicate, keys, items, on_error=noted)
+            try:
+                # One C-level pass; extend() keeps what came before a failure.
+                results.extend(map(self.predicate, *columns))
+            except Exception as exc:
+                self._note(exc, keys[len(results)])
+                raise
         if not {bool}.issuperset(map(type, results)):
             try:
                 results = [
@@ -170,14 +154,6 @@ class FilteredDataset(Derived[K, V]):
                         result.close()
                 raise
         return results if self.keep_positive else list(map(not_, results))
-
-    async def _keeps_all(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
-        if not self._async:
-            return self._judge_sync(keys, items)
-        if items is None:
-            return await map_concurrently(self._keeps, keys)
-        pairs = list(zip(keys, items, strict=True))
-        return await map_concurrently(lambda pair: self._keeps(*pair), pairs)
 
     def _rejected(self, key: K) -> KeyError:
         return KeyError(
@@ -192,7 +168,7 @@ class FilteredDataset(Derived[K, V]):
 
     def _key_chunks(self) -> DerivedKeyChunks[K]:
         if self.by_pairs:
-            # Items judged are held until queried: keep a chunk well within the buffer.
+            # Items judged are held until queried: a step stays within the buffer.
             return DerivedKeyChunks(
                 self.parent.keys, self._vet_pairs, _FIRST_CHUNK, self.buffer_size // 2
             )
@@ -202,13 +178,16 @@ class FilteredDataset(Derived[K, V]):
         return flatten_chunks(self._key_chunks())
 
     async def _vet_keys(self, keys: Sequence[K]) -> list[K]:
-        kept = list(compress(keys, await self._keeps_all(keys, None)))
-        self._vetted.add(dict.fromkeys(kept, True), self.keys.reach)
+        kept = list(compress(keys, await self._judge(keys, None)))
+        vetted = self._vetted
+        vetted.update(dict.fromkeys(kept))
+        if len(vetted) > _VETTED_KEPT:  # forget the oldest quarter, in one C-level pass
+            deque(map(vetted.pop, list(islice(vetted, _VETTED_KEPT // 4))), maxlen=0)
         return kept
 
     async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
-        items = await self.parent.query_items(keys)
-        verdicts = await self._keeps_all(keys, items)
+        items = await self._parent_items(list(keys))
+        verdicts = await self._judge(keys, items)
         kept = list(compress(keys, verdicts))
         if self.buffer_size:
             self._pending.add(
@@ -218,65 +197,36 @@ class FilteredDataset(Derived[K, V]):
 
     # -- items -----------------------------------------------------------
 
-    async def query_item(self, key: K) -> V:
-        if self._sync_keys:
-            # Inline: the hot path of key predicates.
-            if key not in self._vetted.newest and key not in self._vetted:
-                try:
-                    result = self.predicate(key)
-                except Exception as exc:
-                    self._note(exc, key)
-                    raise
-                keep = self.keep_positive
-                if result is not keep and (
-                    # The opposite bool rejects; anything else must convert to `keep`.
-                    result is True or result is False or self._verdict(key, result) is not keep
-                ):
-                    raise self._rejected(key)
-            try:
-                return await self.parent.query_item(key)
-            except KeyError as exc:
-                add_key_note(exc, key, self)
-                raise
-        if self.by_pairs:
-            held = self._pending.pop(key)
-            if held is not MISSING:
-                return held
-            try:
-                item = await self.parent.query_item(key)
-            except KeyError as exc:
-                add_key_note(exc, key, self)
-                raise
-            if not await self._keeps(key, item):
-                raise self._rejected(key)
-            return item
-        if key not in self._vetted and not await self._keeps(key):
-            raise self._rejected(key)
-        try:
-            return await self.parent.query_item(key)
-        except KeyError as exc:
-            add_key_note(exc, key, self)
-            raise
-
-    async def query_items(self, keys: Sequence[K]) -> list[V]:
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
         keys = list(keys)
         if not self.by_pairs:
-            if not self._vetted.contains_all(keys):
-                vetted = self._vetted
+            vetted = self._vetted
+            if not all(map(vetted.__contains__, keys)):
                 unvetted = [key for key in keys if key not in vetted]
-                verdicts = await self._keeps_all(unvetted, None)
+                verdicts = await self._judge(unvetted, None)
                 if not all(verdicts):
                     raise self._rejected(unvetted[verdicts.index(False)])
-            return await self.parent.query_items(keys)
-        before = len(self._pending)
-        results: list[Any] = self._pending.pop_many(keys)
-        if before - len(self._pending) < len(keys):
+            return await self._from_parent(keys, concurrency)
+        pending = self._pending
+        before = len(pending)
+        results: list[Any] = pending.pop_many(keys)
+        if before - len(pending) < len(keys):
             missing = [index for index, value in enumerate(results) if value is MISSING]
             fetch = [keys[i] for i in missing]
-            items = await self.parent.query_items(fetch)
-            verdicts = await self._keeps_all(fetch, items)
+            items = await self._from_parent(fetch, concurrency)
+            verdicts = await self._judge(fetch, items)
             for index, key, item, keep in zip(missing, fetch, items, verdicts, strict=True):
                 if not keep:
                     raise self._rejected(key)
                 results[index] = item
         return results
+
+    async def _from_parent(self, keys: list[K], concurrency: int | None) -> list[V]:
+        try:
+            return await self._parent_items(keys, concurrency)
+        except KeyError as exc:
+            if len(keys) == 1:
+                add_key_note(exc, keys[0], self)
+            raise

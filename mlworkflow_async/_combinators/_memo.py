@@ -8,12 +8,13 @@ event loop: waiters create their futures on whichever loop is running.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from itertools import islice
 from typing import Any, Generic, TypeVar
+
+import anyio
 
 __all__ = ["MISSING", "Memo"]
 
@@ -44,7 +45,7 @@ class _Flight(Generic[K, T]):
         self.settled = False
         self.abandoned = False
         self.error: BaseException | None = None
-        self.waiters: list[asyncio.Future[None]] | None = None
+        self.waiters: anyio.Event | None = None
 
     def settle(self, fetched: Sequence[T], error: BaseException | None) -> None:
         self.settled = True
@@ -57,17 +58,14 @@ class _Flight(Generic[K, T]):
                 # the waiters retry on their own instead of inheriting it.
                 self.abandoned = True
         waiters, self.waiters = self.waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
+        if waiters is not None:
+            waiters.set()
 
     async def wait(self, key: K) -> T:
         if not self.settled:
-            waiter = asyncio.get_running_loop().create_future()
             if self.waiters is None:
-                self.waiters = []
-            self.waiters.append(waiter)
-            await waiter
+                self.waiters = anyio.Event()
+            await self.waiters.wait()
         if self.error is not None:
             raise self.error
         if self.abandoned:

@@ -111,6 +111,6 @@ def from_sync(
     ...         return key.upper()
     >>> ds = from_sync(Legacy(), limiter=4)
     >>> asyncio.run(ds.keys.all()), ds.sync.query_item("b")
-    (('a', 'b'), 'B')
+    (['a', 'b'], 'B')
     """
     return FromSync(dataset, limiter)

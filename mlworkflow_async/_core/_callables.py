@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
+from typing import Any
 
 
 def is_async_callable(f: object) -> bool:
@@ -18,14 +16,6 @@ def is_async_callable(f: object) -> bool:
         return True
     call = getattr(type(f), "__call__", None)  # noqa: B004 - callable instances
     return call is not None and inspect.iscoroutinefunction(call)
-
-
-async def call_maybe_async(f: Callable[..., T | Awaitable[T]], *args: Any) -> T:
-    """Call ``f``; await the result when it is awaitable."""
-    result = f(*args)
-    if inspect.isawaitable(result):
-        return await result
-    return result
 
 
 def positional_arity(f: Callable[..., Any]) -> int | None:

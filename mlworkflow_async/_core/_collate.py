@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import numpy as np
 
-__all__ = ["batchify", "chunkify"]
+__all__ = ["DEFAULT_COLLATE", "Collate", "batchify", "chunkify", "collate_batch", "make_collate"]
 
 T = TypeVar("T")
 Wrapper = Callable[[list[Any]], Any]
@@ -63,11 +65,10 @@ def batchify(items: Sequence[Any], wrapper: Any = np.array) -> Any:
         return wrap([])
     first = items[0]
     if type(first) is dict:
-        # The common case, kept cheap: plain dicts with the same fields.
-        width = len(first)
+        # The common case, kept cheap (C-level passes): plain dicts with the same fields.
         try:
-            if all(len(item) == width for item in items):
-                return {name: wrap([item[name] for item in items]) for name in first}
+            if set(map(len, items)) == {len(first)}:
+                return {name: wrap(list(map(itemgetter(name), items))) for name in first}
         except (KeyError, TypeError):
             pass  # reported precisely below
     first_map = _as_mapping(first)
@@ -114,3 +115,63 @@ def chunkify(iterable: Iterable[T], n: int, drop_incomplete: bool = False) -> It
             chunk = []
     if chunk and not drop_incomplete:
         yield chunk
+
+
+Collate = Callable[[list[Any]], Any]
+
+#: Batches whose arrays total more bytes than this are collated in a worker
+#: thread: copying them would hold the event loop for more than about a
+#: millisecond, while a thread hop costs a tenth of that.
+OFF_LOOP_BYTES = 4 << 20
+
+
+def _default_collate(items: list[Any]) -> Any:
+    return batchify(items)
+
+
+#: The collation of ``batches()`` and ``query()`` when neither ``collate_fn``
+#: nor ``wrapper`` is given: :func:`batchify` with :func:`numpy.array`.
+#: Backends may recognise it (``collate is DEFAULT_COLLATE``) to build the
+#: batch themselves, for instance by reading arrays straight into place.
+DEFAULT_COLLATE: Collate = _default_collate
+
+
+def make_collate(collate_fn: Collate | None, wrapper: Any) -> Collate:
+    """The collation ``collate_fn`` names, else :func:`batchify` with ``wrapper``."""
+    if collate_fn is not None:
+        if not callable(collate_fn):
+            raise TypeError(
+                f"collate_fn must be a function of a list of items, got {collate_fn!r}"
+            )
+        return collate_fn
+    if wrapper is np.array:
+        return DEFAULT_COLLATE
+    if not callable(wrapper):
+        raise TypeError(
+            f"wrapper must be a callable taking a list (such as np.array or list), "
+            f"got {wrapper!r}"
+        )
+
+    def collate(items: list[Any]) -> Any:
+        return batchify(items, wrapper)
+
+    return collate
+
+
+def _array_bytes(item: Any) -> int:
+    if isinstance(item, np.ndarray):
+        return item.nbytes
+    if isinstance(item, dict):
+        values: Iterable[Any] = item.values()
+    elif isinstance(item, (tuple, list)):
+        values = item
+    else:
+        return 0
+    return sum(value.nbytes for value in values if isinstance(value, np.ndarray))
+
+
+async def collate_batch(items: list[Any], collate: Collate) -> Any:
+    """``collate(items)``, in a worker thread when the items hold large arrays."""
+    if items and _array_bytes(items[0]) * len(items) > OFF_LOOP_BYTES:
+        return await anyio.to_thread.run_sync(collate, items)
+    return collate(items)

@@ -18,16 +18,19 @@ Everything else (memoized keys, concurrent batches, collation, the blocking
 from __future__ import annotations
 
 import inspect
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import anyio
 import numpy as np
 
-from ._collate import batchify
-from ._engine import BatchStream, add_key_note
+from ..exceptions import ItemCountError
+from ._collate import Collate, collate_batch, make_collate
+from ._engine import Engine, OnError, map_ordered
 from ._keys import KeySequence
+from ._order import KnownOrder, StreamedOrder, StreamSpec
+from ._stream import BatchStream
 
 if TYPE_CHECKING:
     from ..sync import SyncView
@@ -37,14 +40,89 @@ __all__ = ["Dataset"]
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+#: Fetches in flight at once by default in ``query_items`` and ``query``.
+QUERY_CONCURRENCY = 64
+
+
+def _definer(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in klass.__dict__)
+
+
+def _more_derived(a: type, b: type) -> bool:
+    return a is not b and issubclass(a, b)
+
+
+def _item_via_items(bulk: Callable[..., Awaitable[Sequence[Any]]]) -> Callable[..., Any]:
+    """A ``query_item`` for a class whose ``query_items`` is its own fetch."""
+
+    async def query_item(self: Dataset[Any, Any], key: Any) -> Any:
+        items = await bulk(self, [key])
+        ItemCountError.check(self, items, [key])
+        return items[0]
+
+    query_item.__doc__ = "Fetch the item of ``key`` (one key of :meth:`query_items`)."
+    return query_item
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer of at least 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return int(value)
+
+
+def _check_shard(shard: object) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if (
+        not isinstance(shard, tuple | list)
+        or len(shard) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in shard)
+    ):
+        raise TypeError(f"shard must be a pair of integers (rank, world_size), got {shard!r}")
+    rank, world = int(shard[0]), int(shard[1])
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(
+            f"shard=(rank, world_size) needs world_size >= 1 and 0 <= rank < world_size, "
+            f"got {shard!r}"
+        )
+    return rank, world
+
+
+def _check_max_failures(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"max_failures must be None, a count or a fraction, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ValueError(f"max_failures must be at least 0, got {value!r}")
+        return int(value)
+    if not 0 < float(value) < 1:
+        raise ValueError(
+            f"max_failures as a fraction of the items seen must be between 0 and 1, "
+            f"got {value!r}; pass an int for a count"
+        )
+    return float(value)
+
 
 class Dataset(ABC, Generic[K, V]):
     """Abstract base of every dataset.
 
-    Subclasses implement :meth:`yield_keys` and ``async def``
-    :meth:`query_item`. Keys are discovered lazily and memoized in
-    :attr:`keys`; :meth:`batches` fetches items concurrently and yields them
-    collated, in key order.
+    A subclass implements :meth:`yield_keys`, and fetches items in one of two
+    ways, which :class:`Dataset` checks when the class is defined:
+
+    - ``async def query_item(self, key)``, one item at a time: batches then
+      run up to ``concurrency`` fetches at once;
+    - or ``async def query_items(self, keys)`` with ``batched_queries = True``,
+      for backends that fetch many items in one go: batches then make one
+      call per batch, and ``query_item`` comes from ``query_items``.
+
+    Every other way to read items (``query``, ``batches``, the ``sync``
+    view, the combinators) goes through the method the class defines, so a
+    subclass that overrides ``query_item`` of a bulk backend is respected
+    everywhere: its inherited bulk methods are reset to the item-by-item ones.
 
     >>> import asyncio
     >>> from mlworkflow_async import DictDataset
@@ -58,23 +136,50 @@ class Dataset(ABC, Generic[K, V]):
     ``asyncio.run()`` calls and from :attr:`sync`, one loop at a time.
     """
 
-    #: True when :meth:`query_items` fetches many items in one go, cheaper
-    #: than item by item; :meth:`batches` then hands it whole batches.
+    #: True when :meth:`query_items` is the dataset's own way to fetch many
+    #: items at once; :meth:`batches` then hands it whole batches.
     batched_queries: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        query_item = cls.__dict__.get("query_item")
-        if (
-            query_item is not None
-            and inspect.isfunction(query_item)
-            and not inspect.iscoroutinefunction(query_item)
-        ):
+        for name in ("query_item", "query_items", "query_batch"):
+            method = cls.__dict__.get(name)
+            if (
+                method is not None
+                and inspect.isfunction(method)
+                and not inspect.iscoroutinefunction(method)
+            ):
+                raise TypeError(
+                    f"{cls.__qualname__}.{name} is a plain `def`, but datasets are "
+                    f"asynchronous: declare it `async def {name}(self, ...)`. To use a "
+                    f"blocking dataset as it is, wrap an instance with "
+                    f"`mlworkflow_async.from_sync(dataset)`, which runs it in worker threads."
+                )
+        item, items, batch = (
+            _definer(cls, name) for name in ("query_item", "query_items", "query_batch")
+        )
+        if item is not Dataset and _more_derived(item, items):
+            # query_item is the newest word on items: every bulk path follows it.
+            if items is not Dataset:
+                cls.query_items = Dataset.query_items  # type: ignore[method-assign]
+                cls.batched_queries = False
+            if batch is not Dataset:
+                cls.query_batch = Dataset.query_batch  # type: ignore[method-assign]
+            return
+        if items is Dataset:
+            return
+        if items is cls and "query_item" not in cls.__dict__:
+            cls.query_item = _item_via_items(  # type: ignore[method-assign]
+                cls.__dict__["query_items"]
+            )
+        if batch is not Dataset and _more_derived(items, batch):
+            cls.query_batch = Dataset.query_batch  # type: ignore[method-assign]
+        declared = inspect.getattr_static(cls, "batched_queries")
+        if declared is False and item is not items:
             raise TypeError(
-                f"{cls.__qualname__}.query_item is a plain `def`, but datasets are "
-                f"asynchronous: declare it `async def query_item(self, key)`. To use a "
-                f"blocking dataset as it is, wrap an instance with "
-                f"`mlworkflow_async.from_sync(dataset)`, which runs it in worker threads."
+                f"{cls.__qualname__} defines query_items() as its way to fetch items, so it "
+                f"must declare `batched_queries = True` (batches then make one call per "
+                f"batch); or define `async def query_item(self, key)` instead"
             )
 
     @abstractmethod
@@ -85,9 +190,22 @@ class Dataset(ABC, Generic[K, V]):
         the keys, and so ``len()``, known at once.
         """
 
-    @abstractmethod
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if _definer(cls, "query_item") is Dataset and _definer(cls, "query_items") is Dataset:
+            raise TypeError(
+                f"cannot instantiate {cls.__qualname__}: a dataset defines "
+                f"`async def query_item(self, key)`, or `async def query_items(self, keys)` "
+                f"with `batched_queries = True`"
+            )
+        return super().__new__(cls)
+
     async def query_item(self, key: K) -> V:
-        """Fetch the item of ``key``."""
+        """Fetch the item of ``key``.
+
+        A subclass defines this, or :meth:`query_items` (with
+        ``batched_queries = True``), from which this then comes.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} does not define query_item()")
 
     # -- keys ------------------------------------------------------------
 
@@ -115,48 +233,50 @@ class Dataset(ABC, Generic[K, V]):
 
     # -- items -----------------------------------------------------------
 
-    async def query_items(self, keys: Sequence[K]) -> list[V]:
-        """Fetch the items of ``keys``, in order.
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
+        """Fetch the items of ``keys``, in order, at most ``concurrency`` at once (default 64).
 
-        The default queries them concurrently; a backend that can fetch many
-        items in one go overrides this (and sets :attr:`batched_queries`).
+        The first failure cancels the rest and propagates, with a note naming
+        its key. A bulk backend overrides this (with ``batched_queries``).
+        """
+        limit = QUERY_CONCURRENCY if concurrency is None else _positive_int(
+            concurrency, "concurrency"
+        )
+        return await map_ordered(self.query_item, list(keys), limit, self)
+
+    async def query_batch(self, keys: Sequence[K], collate: Collate) -> Any:
+        """Fetch ``keys`` and collate them: what :meth:`batches` calls per batch of a bulk backend.
+
+        The default collates :meth:`query_items`; large arrays are collated in a
+        worker thread. A backend may build the batch itself, for instance
+        when ``collate`` is :data:`~mlworkflow_async._core._collate.DEFAULT_COLLATE`.
         """
         keys = list(keys)
-        results: list[Any] = [None] * len(keys)
-
-        async def fetch(index: int, key: K) -> None:
-            try:
-                results[index] = await self.query_item(key)
-            except BaseException as exc:
-                add_key_note(exc, key, self)
-                raise
-
-        if len(keys) == 1:
-            await fetch(0, keys[0])
-            return results
-        try:
-            async with anyio.create_task_group() as tg:
-                for index, key in enumerate(keys):
-                    tg.start_soon(fetch, index, key)
-        except BaseExceptionGroup as group:
-            # Several items may fail at once; report the first, as a single
-            # fetch would, rather than a group the caller must unpack.
-            raise group.exceptions[0] from None
-        return results
+        items = list(await self.query_items(keys))
+        ItemCountError.check(self, items, keys)
+        return await collate_batch(items, collate)
 
     async def query(
         self,
         keys: Sequence[K],
         collate_fn: Callable[[list[V]], Any] | None = None,
         wrapper: Any = np.array,
+        *,
+        concurrency: int | None = None,
     ) -> Any:
         """Fetch ``keys`` and collate them into one batch.
 
         ``collate_fn(items)`` builds the batch when given; otherwise
         :func:`~mlworkflow_async.batchify` does, with ``wrapper``.
+        ``concurrency`` bounds the fetches in flight, as in :meth:`query_items`.
         """
-        items = await self.query_items(keys)
-        return collate_fn(items) if collate_fn is not None else batchify(items, wrapper)
+        collate = make_collate(collate_fn, wrapper)
+        keys = list(keys)
+        if self.batched_queries:
+            return await self.query_batch(keys, collate)
+        return await collate_batch(await self.query_items(keys, concurrency), collate)
 
     def batches(
         self,
@@ -166,32 +286,116 @@ class Dataset(ABC, Generic[K, V]):
         wrapper: Any = np.array,
         drop_incomplete: bool = False,
         concurrency: int | None = None,
+        *,
+        shuffle: int | None = None,
+        epoch: int = 0,
+        shard: tuple[int, int] | None = None,
+        ordered: bool = True,
+        resume: dict[str, Any] | None = None,
+        on_error: OnError = "raise",
+        max_failures: float | None = None,
+        progress: bool = False,
     ) -> BatchStream[K]:
-        """Stream ``(keys, batch)`` pairs in key order, fetching ahead.
+        """Stream ``(keys, batch)`` pairs, fetching ahead.
 
-        ``keys`` defaults to all the dataset's keys. ``concurrency`` bounds
-        the items being fetched at once across the whole stream (default
-        ``2 * batch_size``), so later batches load while earlier ones are
-        being used. An item that raises ends the stream with its exception,
-        which carries a note naming the key.
+        - ``keys``: the keys to read (default: all the dataset's, as they are
+          discovered); ``concurrency`` bounds the items fetched at once
+          (default ``2 * batch_size``), so later batches load while earlier
+          ones are used.
+        - ``shuffle=seed``, ``epoch=e``: a permutation of the keys that
+          depends only on them, the seed and the epoch (the same in every
+          process and machine). It needs every key, so the stream first
+          awaits them.
+        - ``shard=(rank, world_size)``: this rank's part of the epoch; every
+          key goes to exactly one rank (ranks agree on the shuffled order
+          first). With ``drop_incomplete=True`` every rank gets the same
+          number of batches.
+        - ``ordered=False``: batches come as they complete, so a slow item
+          delays only its own batch.
+        - ``resume=stream.state_dict()``: continue a stream exactly where it
+          was, in this process or another, without reading anything twice.
+        - ``on_error="skip"``: an item that raises is left out of its batch
+          and recorded in ``stream.failures``; ``max_failures`` (a count, or a
+          fraction of the items seen) makes the stream raise past it.
+        - ``progress=True``: a tqdm progress bar.
 
         >>> async def train(ds):
-        ...     async for keys, batch in ds.batches(64, concurrency=256):
-        ...         ...
+        ...     for epoch in range(3):
+        ...         async for keys, batch in ds.batches(64, shuffle=0, epoch=epoch):
+        ...             ...
         """
-        if collate_fn is not None:
-            collate = collate_fn
-        else:
-            def collate(items: list[V]) -> Any:
-                return batchify(items, wrapper)
+        size = _positive_int(batch_size, "batch_size")
+        if isinstance(keys, type) or (
+            keys is not None
+            and callable(keys)
+            and not isinstance(keys, Iterable | AsyncIterable)
+        ):
+            raise TypeError(
+                f"the second positional parameter of batches() is keys (the keys to read), "
+                f"got {keys!r}; did you mean wrapper={getattr(keys, '__name__', keys)}?"
+            )
+        if keys is not None and not isinstance(keys, Iterable | AsyncIterable):
+            raise TypeError(f"keys must be an iterable of keys (or None for all), got {keys!r}")
+        limit = 2 * size if concurrency is None else _positive_int(concurrency, "concurrency")
+        if shuffle is not None and (
+            isinstance(shuffle, bool) or not isinstance(shuffle, numbers.Integral)
+        ):
+            raise TypeError(
+                f"shuffle takes an integer seed (shuffle=0, say), got {shuffle!r}; the seed "
+                f"is what makes the order reproducible"
+            )
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise TypeError(f"epoch must be an integer of at least 0, got {epoch!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
+        spec = StreamSpec(
+            size,
+            None if shuffle is None else int(shuffle),
+            int(epoch),
+            _check_shard(shard),
+            bool(drop_incomplete),
+            bool(ordered),
+        )
         return BatchStream(
             self,
-            batch_size,
             self.keys if keys is None else keys,
-            collate,
-            drop_incomplete,
-            2 * batch_size if concurrency is None else concurrency,
+            make_collate(collate_fn, wrapper),
+            spec,
+            limit,
+            on_error,
+            _check_max_failures(max_failures),
+            resume,
+            bool(progress),
         )
+
+    def _engine(
+        self,
+        keys: KeySequence[K] | Iterable[K] | AsyncIterable[K],
+        unit_size: int,
+        concurrency: int,
+    ) -> Engine[K]:
+        """An engine fetching ``keys`` in units (lists of items), the way this dataset fetches.
+
+        Keys known in advance are claimed without awaiting; others as they come.
+        """
+        order: KnownOrder[K] | StreamedOrder[K]
+        if isinstance(keys, KeySequence) and keys.complete:
+            order = KnownOrder(keys.known_list(), unit_size)
+        elif isinstance(keys, Sequence):
+            order = KnownOrder(keys, unit_size)
+        else:
+            order = StreamedOrder(keys, unit_size)
+            if isinstance(keys, KeySequence):
+                keys.claim(order, unit_size)
+        if self.batched_queries:
+
+            async def fetch_unit(unit: list[K]) -> list[V]:
+                items = list(await self.query_items(unit))
+                ItemCountError.check(self, items, unit)
+                return items
+
+            return Engine(order, owner=self, concurrency=concurrency, fetch_unit=fetch_unit)
+        return Engine(order, owner=self, concurrency=concurrency, fetch_item=self.query_item)
 
     # -- blocking view ---------------------------------------------------
 
@@ -202,7 +406,7 @@ class Dataset(ABC, Generic[K, V]):
         >>> from mlworkflow_async import DictDataset
         >>> ds = DictDataset({1: "a", 2: "b"})
         >>> ds.sync.keys.all(), ds.sync.query_item(2)
-        ((1, 2), 'b')
+        ([1, 2], 'b')
         """
         from ..sync import SyncView
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TypeVar
 
 from ._dataset import Dataset
@@ -22,7 +22,14 @@ class DictDataset(Dataset[K, V]):
     (3, 'b')
     """
 
+    batched_queries = True
+
     def __init__(self, dic: Mapping[K, V]) -> None:
+        if not isinstance(dic, Mapping):
+            raise TypeError(
+                f"DictDataset takes a mapping of keys to items, got {type(dic).__name__}; "
+                f"for a list, use DictDataset(dict(enumerate(items)))"
+            )
         self.dic = dic
 
     def yield_keys(self) -> tuple[K, ...]:
@@ -34,10 +41,12 @@ class DictDataset(Dataset[K, V]):
         except KeyError:
             raise KeyError(f"{key!r} is not a key of this DictDataset") from None
 
-    async def query_items(self, keys: object) -> list[V]:
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
         # Plain lookups: no need to schedule anything per item.
         dic = self.dic
         try:
-            return [dic[key] for key in keys]  # type: ignore[attr-defined]
+            return [dic[key] for key in keys]
         except KeyError as exc:
             raise KeyError(f"{exc.args[0]!r} is not a key of this DictDataset") from None

@@ -1,39 +1,64 @@
-"""The ordered, bounded, concurrent fetch pipeline behind ``Dataset.batches``.
+"""The one engine behind every concurrent fetch of the library.
 
-A fixed set of worker tasks claims keys in order and fetches them; finished
-items wait in a reorder buffer until their batch is complete. Three bounds
-keep it honest:
+``batches()``, ``query_items()``, ``query()``, ``CachedDataset.fill()``,
+``PickledDataset.create()`` and the combinators' fetches of their parents
+all run on :class:`Engine`. It hands out *units* (batches) of keys that an
+order (:mod:`._order`) defines, fetched by a fixed set of worker tasks:
 
-- at most ``concurrency`` items are being fetched at any time (an item that
-  is done does not hold a slot, so one slow item does not stall the rest);
-- workers do not claim keys further than ``2 * concurrency + batch_size``
-  items past the first batch not yet handed out, which bounds the buffer;
-- no task is created per item: the workers are created once per stream.
+- a *per-item* engine fetches keys one by one (``query_item``); at most
+  ``concurrency`` fetches are in flight, and a finished item holds no slot,
+  so one slow item never stalls the rest;
+- a *bulk* engine fetches a whole unit per call (``query_items`` or
+  ``query_batch`` of a backend with ``batched_queries``), with
+  ``concurrency // batch_size`` units in flight.
 
-The stream is a plain async iterator rather than an async generator so that
-leaving an ``async for`` early (which drops the last reference to it) cancels
-the workers at once, without relying on generator finalisation running in
-another task.
+Workers claim positions in order and never further than
+``2 * concurrency + batch_size`` items past the first unit not handed out,
+which bounds what waits in memory. Units are handed out in order
+(``ordered=True``) or as they complete. On a failure the engine either
+stops (``on_error="raise"``: every unit before the failing one is still
+handed out, then its exception, with a note naming the key) or leaves the
+item out of its unit and records it (``on_error="skip"``).
+
+Workers are tasks of their own rather than children of a task group, so
+that a plain ``async for`` over a stream can stop at any point and drop it:
+dropping cancels them. Under trio they are system tasks, cancelled through
+their cancel scopes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from itertools import islice
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+import contextvars
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
 
-from ._keys import KeySequence
+import anyio
+import anyio.lowlevel
 
-if TYPE_CHECKING:
-    from ._dataset import Dataset
+from ..exceptions import TooManyFailuresError
+from ._order import KnownOrder, StreamedOrder
+
+__all__ = ["Engine", "Failure", "StreamStats", "add_key_note", "map_ordered"]
 
 K = TypeVar("K")
+A = TypeVar("A")
+R = TypeVar("R")
 
 #: Seconds a bulk worker may go without yielding to the event loop.
 YIELD_AFTER = 0.001
+
+OnError = Literal["raise", "skip"]
+
+#: The statistics of the stream whose worker is running, for layers that
+#: count on its behalf (retries).
+current_stats: contextvars.ContextVar[StreamStats | None] = contextvars.ContextVar(
+    "mlworkflow_async_stream_stats", default=None
+)
 
 
 def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
@@ -45,388 +70,557 @@ def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
         exc._mlworkflow_async_key_noted = True  # type: ignore[attr-defined]
 
 
-class _Failure:
-    __slots__ = ("exc",)
+@dataclass
+class Failure(Generic[K]):
+    """An item left out of its batch by ``on_error="skip"``: its key and what it raised."""
 
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+    key: K
+    exception: BaseException
 
 
-class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
-    """Async iterator of ``(keys, batch)`` returned by ``Dataset.batches``.
+@dataclass
+class StreamStats:
+    """Counts to tune a stream with; read them at any time from ``stream.stats``.
 
-    Iterate it with ``async for``. Leaving the loop early cancels the fetches
-    in flight; ``await stream.aclose()`` or ``async with`` does so
-    deterministically.
+    ``head_wait`` is the time the consumer spent waiting for the next batch
+    in order (high: fetching is the bottleneck; raise ``concurrency``).
     """
 
-    # The worker tasks reference only the pipeline, never this handle, so
-    # dropping the handle (as leaving an ``async for`` does) runs __del__.
-    __slots__ = ("_pipeline",)
+    fetched: int = 0
+    failed: int = 0
+    retried: int = 0
+    in_flight: int = 0
+    batches: int = 0
+    items: int = 0
+    head_wait: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
-    def __init__(
-        self,
-        dataset: Dataset[K, Any],
-        batch_size: int,
-        keys: AsyncIterable[K] | Iterable[K],
-        collate: Callable[[list[Any]], Any],
-        drop_incomplete: bool,
-        concurrency: int,
-    ) -> None:
-        self._pipeline = _Pipeline(
-            dataset, batch_size, keys, collate, drop_incomplete, concurrency
+    @property
+    def items_per_second(self) -> float:
+        """Items handed out per second since the stream started."""
+        elapsed = time.perf_counter() - self.started
+        return self.items / elapsed if elapsed > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamStats(fetched={self.fetched}, failed={self.failed}, "
+            f"retried={self.retried}, in_flight={self.in_flight}, batches={self.batches}, "
+            f"items={self.items}, head_wait={self.head_wait:.3f}s, "
+            f"items_per_second={self.items_per_second:.1f})"
         )
 
-    def __aiter__(self) -> BatchStream[K]:
-        return self
 
-    async def __anext__(self) -> tuple[list[K], Any]:
-        return await self._pipeline.next_batch()
+class Unit(Generic[K]):
+    """One unit (batch) of the stream: its keys, then its items or its batch."""
 
-    async def __aenter__(self) -> BatchStream[K]:
-        return self
+    __slots__ = ("batch", "index", "items", "keys", "left_out", "missing", "ready")
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
+    def __init__(self, index: int, keys: list[K]) -> None:
+        self.index = index
+        self.keys = keys
+        self.items: list[Any] = [None] * len(keys)
+        self.missing = len(keys)
+        self.left_out: list[int] = []  # positions skipped after a failure
+        self.batch: Any = None
+        self.ready = False
 
-    async def aclose(self) -> None:
-        """Stop the stream and cancel every fetch in flight."""
-        await self._pipeline.aclose()
+    def kept_keys(self) -> list[K]:
+        if not self.left_out:
+            return self.keys
+        gone = set(self.left_out)
+        return [key for i, key in enumerate(self.keys) if i not in gone]
 
-    def __del__(self) -> None:
-        pipeline = getattr(self, "_pipeline", None)
-        if pipeline is not None:
-            pipeline.cancel()
+    def kept_items(self) -> list[Any]:
+        if not self.left_out:
+            return self.items
+        gone = set(self.left_out)
+        return [item for i, item in enumerate(self.items) if i not in gone]
 
 
-class _Pipeline(Generic[K]):
+Finish = Callable[[list[Any]], Awaitable[Any]]
+
+
+async def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+def _running_library() -> str:
+    try:
+        asyncio.get_running_loop()
+        return "asyncio"
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.current_trio_token()
+            return "trio"
+    raise RuntimeError("mlworkflow_async streams must be iterated inside an event loop")
+
+
+class Engine(Generic[K]):
+    """Fetch the units of ``order`` concurrently; :meth:`next_unit` hands them out.
+
+    Exactly one of the modes applies: ``fetch_unit`` (bulk) or ``fetch_item``
+    (per item, then ``finish`` turns a unit's items into its batch). A bulk
+    engine given ``fetch_item`` and ``finish`` too salvages a failed unit
+    item by item when skipping failures.
+    """
+
     def __init__(
         self,
-        dataset: Dataset[K, Any],
-        batch_size: int,
-        keys: AsyncIterable[K] | Iterable[K],
-        collate: Callable[[list[Any]], Any],
-        drop_incomplete: bool,
+        order: KnownOrder[K] | StreamedOrder[K],
+        *,
+        owner: object,
         concurrency: int,
+        fetch_item: Callable[[K], Awaitable[Any]] | None = None,
+        fetch_unit: Callable[[list[K]], Awaitable[Any]] | None = None,
+        finish: Finish = _as_list,
+        ordered: bool = True,
+        on_error: OnError = "raise",
+        max_failures: float | None = None,
+        start: int = 0,
+        done: frozenset[int] = frozenset(),
+        drop_incomplete: bool = False,
+        stats: StreamStats | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        self._dataset = dataset
-        self._batch_size = batch_size
-        self._keys_source = keys
-        self._collate = collate
+        self._order = order
+        self._known = isinstance(order, KnownOrder)
+        self._owner = owner
+        self._fetch_item = fetch_item
+        self._fetch_unit = fetch_unit
+        self._finish = finish
+        self._ordered = ordered
+        self._skip = on_error == "skip"
+        self._max_failures = max_failures
         self._drop_incomplete = drop_incomplete
-        # Backends that fetch many items in one go are given whole batches.
-        self._unit = batch_size if dataset.batched_queries else 1
-        self._n_workers = max(1, concurrency // self._unit)
-        self._window = 2 * concurrency + batch_size
-        self._keys: dict[int, K] = {}
-        self._results: dict[int, Any] = {}
-        # Bulk backends: each claim is a whole batch, kept whole until handed out.
-        self._whole: dict[int, tuple[list[K], list[Any] | _Failure]] = {}
-        self._claimed = 0  # items claimed by workers so far
-        self._head = 0  # index of the first item not handed out yet
-        self._head_filled = 0  # finished items in the head batch
-        self._exhausted = False
-        self._failed = False
-        self._source_error: BaseException | None = None
+        self.stats = stats if stats is not None else StreamStats()
+        self.failures: list[Failure[K]] = []
+        size = order.batch_size
+        self._size = size
+        self._bulk = fetch_unit is not None
+        if self._bulk:
+            self._n_workers = max(1, concurrency // size)
+        else:
+            self._n_workers = concurrency
+            if isinstance(order, KnownOrder):
+                self._n_workers = max(1, min(concurrency, order.count))
+        self._window = 2 * concurrency + size
+        self._units: dict[int, Unit[K]] = {}
+        self._resumed_done = done
+        self._done = set(done)  # units handed out beyond the head
+        self._head = self._skip_done(start)  # the first unit not handed out
+        self._next = self._head  # the next unit to claim
+        self._filling: Unit[K] | None = None  # per item: the unit being claimed
+        self._filled = 0  # its keys claimed so far
+        self._end: int | None = order.units if isinstance(order, KnownOrder) else None
+        self._error: tuple[int, BaseException] | None = None
+        self._stopping = False
         self._closed = False
-        self._tasks: list[asyncio.Task[None]] = []
-        self._sync_iter: Iterator[K] | None = None
-        self._async_iter: AsyncIterator[K] | None = None
-        self._key_seq: KeySequence[K] | None = None
-        self._claim_lock: asyncio.Lock | None = None
-        self._progress: asyncio.Event | None = None
-        self._room: asyncio.Event | None = None
+        self._started = False
+        self._tasks: list[Any] = []
+        self._scopes: list[anyio.CancelScope] = []
+        self._running = 0
+        self._cancelled: type[BaseException] = asyncio.CancelledError
+        # Made by _start(), inside the event loop that runs the stream.
+        # Made only when someone waits: events are the cost of a wait, not of a unit.
+        self._progress: anyio.Event | None = None
+        self._room: anyio.Event | None = None
+        self._all_ended: anyio.Event
+
+    # -- the consumer side -------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """Units handed out before which every unit is handed out."""
+        return self._head
+
+    @property
+    def done_beyond(self) -> set[int]:
+        """Units handed out past :attr:`position` (completion order only)."""
+        return self._done
+
+    async def next_unit(self) -> Unit[K]:
+        """The next unit, in order or as completed; ``StopAsyncIteration`` at the end."""
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._start()
+        waited_from: float | None = None
+        while True:
+            unit = self._ready_unit()
+            if unit is not None:
+                if waited_from is not None:
+                    self.stats.head_wait += time.perf_counter() - waited_from
+                if self._drop_incomplete and len(unit.keys) < self._size:
+                    await self.aclose()
+                    raise StopAsyncIteration
+                return self._hand_out(unit)
+            error = self._error
+            if error is not None and (not self._ordered or error[0] <= self._head):
+                await self.aclose()
+                raise error[1]
+            if self._end is not None and self._head >= self._end:
+                await self.aclose()
+                if self._too_many_failures(final=True):
+                    raise self._error[1]  # type: ignore[index]
+                raise StopAsyncIteration
+            if waited_from is None:
+                waited_from = time.perf_counter()
+            progress = self._progress = anyio.Event()
+            await progress.wait()
+            self._progress = None
+
+    def _ready_unit(self) -> Unit[K] | None:
+        if self._ordered:
+            unit = self._units.get(self._head)
+            return unit if unit is not None and unit.ready else None
+        for unit in self._units.values():
+            if unit.ready:
+                return unit
+        return None
+
+    def _hand_out(self, unit: Unit[K]) -> Unit[K]:
+        index = unit.index
+        del self._units[index]
+        if index == self._head:
+            self._head = self._skip_done(index + 1)
+        else:
+            self._done.add(index)
+        stats = self.stats
+        stats.batches += 1
+        stats.items += len(unit.keys) - len(unit.left_out)
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+        return unit
+
+    def _skip_done(self, index: int) -> int:
+        done = self._done
+        while index in done:
+            done.discard(index)
+            index += 1
+        return index
 
     async def aclose(self) -> None:
-        self._closed = True
+        """Cancel every fetch in flight and wait for the workers to end."""
+        self.cancel()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        elif self._running:
+            with anyio.CancelScope(shield=True):
+                await self._all_ended.wait()
 
     def cancel(self) -> None:
-        self._closed = True
+        """Cancel the workers without waiting (safe from ``__del__``)."""
+        self._closed = self._stopping = True
         for task in self._tasks:
             with contextlib.suppress(RuntimeError):  # the loop may be closed
                 task.cancel()
+        for scope in self._scopes:
+            scope.cancel()
 
-    async def next_batch(self) -> tuple[list[K], Any]:
-        if self._closed:
-            raise StopAsyncIteration
-        if not self._tasks and not self._exhausted:
-            self._start()
-        if self._unit > 1:
-            return await self._next_whole_batch()
-        assert self._progress is not None
-        head = self._head
-        while True:
-            size = self._head_size()
-            if self._source_error is not None and self._claimed - head < self._batch_size:
-                # Key discovery failed before this batch could be filled.
-                await self.aclose()
-                raise self._source_error
-            if size == 0 or (size < self._batch_size and self._drop_incomplete):
-                await self.aclose()
-                raise StopAsyncIteration
-            if self._head_filled >= size:
-                break
-            failure = self._first_failure(head, head + size)
-            if failure is not None:
-                await self.aclose()
-                raise failure.exc
-            self._progress.clear()
-            await self._progress.wait()
-        keys = [self._keys.pop(i) for i in range(head, head + size)]
-        items = [self._results.pop(i) for i in range(head, head + size)]
-        for item in items:
-            if isinstance(item, _Failure):
-                await self.aclose()
-                raise item.exc
-        self._head = head + size
-        self._head_filled = sum(
-            1 for i in range(self._head, self._head + self._batch_size) if i in self._results
-        )
-        self._wake_room()
-        return keys, self._collate(items)
-
-    async def _next_whole_batch(self) -> tuple[list[K], Any]:
-        """The next batch when every claim is a whole batch (bulk backends)."""
-        assert self._progress is not None
-        head = self._head
-        while True:
-            done = self._whole.pop(head, None)
-            if done is not None:
-                break
-            if self._claimed <= head and self._exhausted:
-                await self.aclose()
-                if self._source_error is not None:
-                    raise self._source_error
-                raise StopAsyncIteration
-            self._progress.clear()
-            await self._progress.wait()
-        keys, items = done
-        if isinstance(items, _Failure):
-            await self.aclose()
-            raise items.exc
-        if len(keys) < self._batch_size and self._drop_incomplete:
-            await self.aclose()
-            raise StopAsyncIteration
-        self._head = head + len(keys)
-        self._wake_room()
-        return keys, self._collate(items)
-
-    # -- internals -------------------------------------------------------
+    # -- the workers -------------------------------------------------------
 
     def _start(self) -> None:
-        source = self._keys_source
-        if isinstance(source, KeySequence) and source.complete:
-            # Known keys are claimed without awaiting anything: the fast path.
-            self._sync_iter = iter(source.known)
-        elif isinstance(source, KeySequence):
-            # Claimed by position, a whole unit per await rather than key by key.
-            self._key_seq = source
-        elif isinstance(source, AsyncIterable):
-            self._async_iter = aiter(source)
+        self._started = True
+        self._keys_pending: anyio.Event | None = None
+        library = _running_library()
+        self._cancelled = anyio.get_cancelled_exc_class()
+        work = self._unit_worker if self._bulk else self._item_worker
+        if library == "asyncio":
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._guard(work)) for _ in range(self._n_workers)]
         else:
-            self._sync_iter = iter(source)
-        self._claim_lock = asyncio.Lock()
-        self._progress = asyncio.Event()
-        self._room = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._work()) for _ in range(self._n_workers)]
+            import trio
 
-    def _head_size(self) -> int:
-        if self._exhausted:
-            return max(0, min(self._batch_size, self._claimed - self._head))
-        return self._batch_size
+            self._all_ended = anyio.Event()
+            self._running = self._n_workers
+            for _ in range(self._n_workers):
+                trio.lowlevel.spawn_system_task(self._scoped, work)
 
-    def _first_failure(self, start: int, stop: int) -> _Failure | None:
-        if not self._failed:
-            return None
-        for i in range(start, stop):
-            result = self._results.get(i)
-            if isinstance(result, _Failure):
-                return result
+    async def _scoped(self, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._scopes.append(scope)
+                if not self._closed:
+                    await self._guard(work)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._all_ended.set()
+
+    async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
+        stats = current_stats.set(self.stats)
+        try:
+            await work()
+        except self._cancelled:
+            raise
+        except BaseException as exc:  # a failure of the engine or of a key source
+            self._fail(self._next, exc)
+        finally:
+            current_stats.reset(stats)
+
+    def _fail(self, unit: int, exc: BaseException) -> None:
+        if self._error is None or unit < self._error[0]:
+            self._error = (unit, exc)
+        self._stopping = True
+        self._tell_consumer()
+
+    def _wake(self, unit: Unit[K]) -> None:
+        unit.ready = True
+        if not self._ordered or unit.index == self._head:
+            self._tell_consumer()
+
+    def _tell_consumer(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            progress.set()
+
+    async def _wait_for_room(self) -> None:
+        room = self._room
+        if room is None:
+            room = self._room = anyio.Event()
+        await room.wait()
+
+    def _claimable(self, position: int) -> bool:
+        return position < self._head * self._size + self._window
+
+    def _next_index(self) -> int:
+        index = self._next
+        while index in self._resumed_done:
+            index += 1
+        return index
+
+    async def _claim_unit(self) -> Unit[K] | None:
+        """Register the next unit, waiting for room; None at the end or when stopping."""
+        size = self._size
+        while not self._stopping:
+            index = self._next_index()
+            if self._end is not None and index >= self._end:
+                return None
+            if not self._claimable(index * size + (size - 1 if self._bulk else 0)):
+                await self._wait_for_room()
+                continue
+            pending = self._keys_pending
+            if pending is not None:  # another worker is reading the next keys
+                await pending.wait()
+                continue
+            order = self._order
+            if isinstance(order, KnownOrder):
+                keys = order.unit_keys(index)  # no await: claims cannot interleave
+            else:
+                pending = self._keys_pending = anyio.Event()
+                try:
+                    keys = await order.unit_keys(index)
+                except self._cancelled:
+                    raise
+                except BaseException as exc:  # the key source failed
+                    self._end = index
+                    self._fail(index, exc)
+                    return None
+                finally:
+                    self._keys_pending = None
+                    pending.set()
+            self._next = index + 1
+            if len(keys) < size:
+                self._end = index + 1 if keys else index
+                self._tell_consumer()  # a consumer may be waiting for the end
+            if not keys:
+                return None
+            unit = Unit(index, keys)
+            self._units[index] = unit
+            return unit
         return None
 
-    def _wake_room(self) -> None:
-        room = self._room
-        assert room is not None
-        self._room = asyncio.Event()
-        room.set()
+    async def _claim_item(self) -> tuple[Unit[K], int] | None:
+        """The next key to fetch: its unit and its offset there; None at the end."""
+        size = self._size
+        while not self._stopping:
+            unit, offset = self._filling, self._filled
+            if unit is not None and offset < len(unit.keys):
+                if self._claimable(unit.index * size + offset):
+                    self._filled = offset + 1
+                    return unit, offset
+                await self._wait_for_room()
+                continue
+            # The next unit: wait for room here, not in _claim_unit, so that no
+            # other worker registers a unit while this one waits (its keys
+            # would never be claimed).
+            index = self._next_index()
+            if self._end is not None and index >= self._end:
+                return None
+            if not self._claimable(index * size):
+                await self._wait_for_room()
+                continue
+            pending = self._keys_pending
+            if pending is not None:
+                await pending.wait()
+                continue
+            unit = await self._claim_unit()
+            if unit is None:
+                return None
+            self._filling, self._filled = unit, 0
+        return None
 
-    def _wake_consumer(self) -> None:
-        assert self._progress is not None
-        self._progress.set()
-
-    def _room_to_claim(self) -> bool:
-        return self._claimed + self._unit <= self._head + self._window
-
-    def _register(self, keys: list[K]) -> tuple[int, list[K]]:
-        start = self._claimed
-        if self._unit == 1:
-            for offset, key in enumerate(keys):
-                self._keys[start + offset] = key
-        self._claimed = start + len(keys)
-        if self._exhausted:
-            self._wake_consumer()
-        return start, keys
-
-    def _take_now(self, iterator: Iterator[K]) -> tuple[int, list[K]]:
-        keys = list(islice(iterator, self._unit))
-        if len(keys) < self._unit:
-            self._exhausted = True
-        return self._register(keys)
-
-    async def _claim(self) -> tuple[int, list[K]]:
-        """Take the next unit of keys, waiting for room in the window."""
-        lock = self._claim_lock
-        assert lock is not None
-        sync_iter = self._sync_iter
-        if sync_iter is not None and not lock.locked() and self._room_to_claim():
-            # Nothing is awaited from here on, so no other worker can interleave.
-            return self._take_now(sync_iter)
-        async with lock:
-            while not self._room_to_claim():
-                assert self._room is not None
-                await self._room.wait()
-            if self._exhausted:
-                return self._claimed, []
-            if sync_iter is not None:
-                return self._take_now(sync_iter)
-            if self._key_seq is not None:
-                start = self._claimed
-                claimed = await self._key_seq.slice(start, start + self._unit)
-                if len(claimed) < self._unit:
-                    self._exhausted = True
-                return self._register(claimed)
-            assert self._async_iter is not None
-            keys: list[K] = []
-            for _ in range(self._unit):
-                try:
-                    keys.append(await anext(self._async_iter))
-                except StopAsyncIteration:
-                    self._exhausted = True
-                    break
-            return self._register(keys)
-
-    async def _work(self) -> None:
-        if self._unit == 1:
-            await self._work_items()
-        else:
-            await self._work_units()
-
-    async def _work_items(self) -> None:
-        """One key at a time: the hot loop of I/O-bound streams, kept lean."""
-        query_item = self._dataset.query_item
-        keys, results = self._keys, self._results
-        lock = self._claim_lock
-        assert lock is not None
-        while not (self._exhausted or self._failed or self._closed):
-            sync_iter = self._sync_iter
-            if (
-                sync_iter is not None
-                and not lock.locked()
-                and self._claimed < self._head + self._window
+    async def _item_worker(self) -> None:
+        fetch = self._fetch_item
+        assert fetch is not None
+        stats = self.stats
+        size = self._size
+        while not self._stopping:
+            unit, offset = self._filling, self._filled
+            # The hot path: the next key of the unit being claimed, without awaiting.
+            if unit is not None and offset < len(unit.keys) and self._claimable(
+                unit.index * size + offset
             ):
-                try:
-                    key = next(sync_iter)
-                except StopIteration:
-                    self._exhausted = True
-                    self._wake_consumer()
-                    return
-                index = self._claimed
-                self._claimed = index + 1
-                keys[index] = key
+                self._filled = offset + 1
             else:
-                try:
-                    index, claimed = await self._claim()
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:
-                    self._fail_source(exc)
+                claim = await self._claim_item()
+                if claim is None:
                     return
-                if not claimed:
-                    return
-                key = claimed[0]
+                unit, offset = claim
+            key = unit.keys[offset]
+            stats.in_flight += 1
             try:
-                result = await query_item(key)
-            except asyncio.CancelledError:
+                item = await fetch(key)
+            except self._cancelled:
                 raise
             except BaseException as exc:
-                add_key_note(exc, key, self._dataset)
-                self._record(index, [_Failure(exc)], failed=True)
-                return
-            results[index] = result
-            head = self._head
-            if head <= index < head + self._batch_size:
-                self._head_filled += 1
-                if self._head_filled >= self._head_size():
-                    self._wake_consumer()
+                add_key_note(exc, key, self._owner)
+                if not self._left_out(unit, offset, key, exc):
+                    return
+            else:
+                stats.fetched += 1
+                unit.items[offset] = item
+            finally:
+                stats.in_flight -= 1
+            unit.missing -= 1
+            if not unit.missing:
+                await self._seal(unit)
 
-    def _fail_source(self, exc: BaseException) -> None:
-        self._source_error = exc
-        self._exhausted = self._failed = True
-        self._wake_consumer()
+    async def _seal(self, unit: Unit[K]) -> None:
+        """Turn the items of a complete unit into its batch."""
+        try:
+            unit.batch = await self._finish(unit.kept_items())
+        except self._cancelled:
+            raise
+        except BaseException as exc:
+            self._fail(unit.index, exc)
+            return
+        self._wake(unit)
 
-    async def _work_units(self) -> None:
-        dataset = self._dataset
-        clock = asyncio.get_running_loop().time
+    def _left_out(self, unit: Unit[K], offset: int, key: K, exc: BaseException) -> bool:
+        """Record a failed item; False when the stream must stop instead."""
+        self.stats.failed += 1
+        if not self._skip or not isinstance(exc, Exception):
+            self._fail(unit.index, exc)
+            return False
+        self.failures.append(Failure(key, exc))
+        unit.left_out.append(offset)
+        return not self._too_many_failures(final=False)
+
+    def _too_many_failures(self, final: bool) -> bool:
+        """Past ``max_failures``: stop with one error summarising the failures."""
+        limit = self._max_failures
+        stats = self.stats
+        if limit is None or not stats.failed:
+            return False
+        seen = stats.fetched + stats.failed
+        if isinstance(limit, float):
+            # A fraction is judged once enough items are seen to measure it.
+            if stats.failed <= limit * seen or (seen < 1 / limit and not final):
+                return False
+        elif stats.failed <= limit:
+            return False
+        self._fail(self._head, TooManyFailuresError.summarise(self.failures, limit, seen))
+        return True
+
+    async def _unit_worker(self) -> None:
+        fetch = self._fetch_unit
+        assert fetch is not None
+        stats = self.stats
+        clock = time.perf_counter
         last_yield = clock()
-        while not (self._exhausted or self._failed or self._closed):
-            try:
-                start, keys = await self._claim()
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # the key source itself failed
-                self._fail_source(exc)
+        while not self._stopping:
+            unit = await self._claim_unit()
+            if unit is None:
                 return
-            if not keys:
-                return
+            stats.in_flight += len(unit.keys)
             try:
-                results = list(await dataset.query_items(keys))
-                if len(results) != len(keys):
-                    raise RuntimeError(
-                        f"{type(dataset).__name__}.query_items returned {len(results)} "
-                        f"items for {len(keys)} keys"
-                    )
-            except asyncio.CancelledError:
+                unit.batch = await fetch(unit.keys)
+            except self._cancelled:
                 raise
             except BaseException as exc:
-                self._failed = True
-                self._whole[start] = (keys, _Failure(exc))
-                self._wake_consumer()
-                return
-            self._whole[start] = (keys, results)
-            if start == self._head:
-                self._wake_consumer()
+                stats.in_flight -= len(unit.keys)
+                if not (self._skip and isinstance(exc, Exception)):
+                    stats.failed += 1
+                    if len(unit.keys) == 1:
+                        add_key_note(exc, unit.keys[0], self._owner)
+                    self._fail(unit.index, exc)
+                    return
+                if not await self._salvage(unit):
+                    return
+                continue
+            stats.in_flight -= len(unit.keys)
+            stats.fetched += len(unit.keys)
+            self._wake(unit)
             # A bulk read served from memory or the page cache may finish
             # without suspending: yield once YIELD_AFTER has passed, so the
-            # loop keeps turning, without paying a task switch per batch.
+            # loop keeps turning, without paying a task switch per unit.
             now = clock()
             if now - last_yield >= YIELD_AFTER:
                 last_yield = now
-                await asyncio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
-    def _record(self, start: int, results: list[Any], failed: bool) -> None:
-        head, stop = self._head, self._head + self._batch_size
-        self._failed = self._failed or failed
-        in_head = 0
-        for offset, result in enumerate(results):
-            index = start + offset
-            self._results[index] = result
-            if head <= index < stop:
-                in_head += 1
-        if in_head:
-            self._head_filled += in_head
-            if failed or self._head_filled >= self._head_size():
-                self._wake_consumer()
-        elif failed:
-            self._wake_consumer()
+    async def _salvage(self, unit: Unit[K]) -> bool:
+        """After a bulk fetch failed while skipping: fetch the unit item by item."""
+        fetch = self._fetch_item
+        assert fetch is not None, "a bulk engine that skips failures needs fetch_item"
+        for offset, key in enumerate(unit.keys):
+            try:
+                unit.items[offset] = await fetch(key)
+            except self._cancelled:
+                raise
+            except BaseException as exc:
+                add_key_note(exc, key, self._owner)
+                if not self._left_out(unit, offset, key, exc):
+                    return False
+            else:
+                self.stats.fetched += 1
+        unit.missing = 0
+        await self._seal(unit)
+        return True
+
+
+async def map_ordered(
+    fn: Callable[[A], Awaitable[R]], args: Sequence[A], concurrency: int, owner: object
+) -> list[R]:
+    """``[await fn(a) for a in args]`` on the engine: at most ``concurrency`` at once.
+
+    The first failure cancels the rest and is raised as it is, with a note
+    naming its argument.
+    """
+    if len(args) == 1:
+        try:
+            return [await fn(args[0])]
+        except Exception as exc:
+            add_key_note(exc, args[0], owner)
+            raise
+    engine: Engine[A] = Engine(
+        KnownOrder(args, batch_size=max(1, len(args))),
+        owner=owner,
+        concurrency=concurrency,
+        fetch_item=fn,
+    )
+    try:
+        unit = await engine.next_unit()
+    except StopAsyncIteration:
+        return []
+    finally:
+        await engine.aclose()
+    items: list[R] = unit.batch
+    return items

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
-from typing import Any, Generic, TypeVar
+import weakref
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+    Sized,
+)
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import anyio.lowlevel
 
 from ..exceptions import KeysNotReadyError
 
@@ -39,15 +50,16 @@ class KeySequence(Generic[K]):
     """
 
     __slots__ = (
+        "__weakref__",
         "_aiter",
         "_aiter_loop",
         "_cache",
+        "_claimers",
         "_done",
         "_factory",
         "_iter",
         "_owner",
         "_pulling",
-        "_reach",
         "_skip",
     )
 
@@ -56,12 +68,12 @@ class KeySequence(Generic[K]):
         self._owner = owner
         self._cache: list[K] = []
         self._done = False
+        self._claimers: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._iter: Iterator[K] | None = None
         self._aiter: AsyncIterator[K] | None = None
-        self._aiter_loop: asyncio.AbstractEventLoop | None = None
+        self._aiter_loop: object = None  # the event loop (or trio run) iterating _aiter
         self._skip = 0
-        self._pulling: asyncio.Event | None = None
-        self._reach = 1
+        self._pulling: anyio.Event | None = None
 
     # -- state -----------------------------------------------------------
 
@@ -73,19 +85,32 @@ class KeySequence(Generic[K]):
 
     @property
     def reach(self) -> int:
-        """The most keys one reader has claimed at once so far (at least 1).
+        """The most keys one live reader claims at once (0 while none reads).
 
         A batch stream claims a batch of keys before querying them, the
-        blocking view a chunk per round trip to the loop; ``all()`` is not a
-        claim. Datasets whose key discovery produces items hold them for at
-        least this many keys, so those queries find them.
+        blocking view a chunk per round trip to the loop, an ``async for`` one
+        key; ``all()`` is not a reader. Datasets whose key discovery produces
+        items hold them only for as many keys as live readers may still claim.
         """
-        return self._reach
+        return max(self._claimers.values(), default=0)
+
+    def claim(self, reader: object, reach: int) -> None:
+        """Record that ``reader`` (held weakly) claims up to ``reach`` keys at once."""
+        if reach > self._claimers.get(reader, 0):
+            self._claimers[reader] = reach
+
+    def release(self, reader: object) -> None:
+        """``reader`` claims no more keys."""
+        self._claimers.pop(reader, None)
 
     @property
     def known(self) -> tuple[K, ...]:
         """The keys discovered so far, without computing any more."""
         return tuple(self._cache)
+
+    def known_list(self) -> Sequence[K]:
+        """The keys discovered so far, not copied: read it, never change it."""
+        return self._cache
 
     def __len__(self) -> int:
         if not self.complete:
@@ -122,11 +147,15 @@ class KeySequence(Generic[K]):
     def __aiter__(self) -> AsyncIterator[K]:
         return _KeyIterator(self)
 
-    async def all(self) -> tuple[K, ...]:
-        """Compute every key and return them as a tuple."""
+    async def all(self) -> list[K]:
+        """Compute every key and return them as a new list (yours to shuffle or extend)."""
+        return list(await self.sequence())
+
+    async def sequence(self) -> Sequence[K]:
+        """Compute every key; return them without a copy: read it, never change it."""
         while not self.complete:
             await self._pull()
-        return tuple(self._cache)
+        return self._cache
 
     async def fill_to(self, n: int) -> bool:
         """Discover keys until ``n`` are known; False if there are fewer."""
@@ -138,10 +167,12 @@ class KeySequence(Generic[K]):
 
     async def slice(self, start: int, stop: int) -> list[K]:
         """The keys from ``start`` to ``stop``, discovering them as needed (fewer at the end)."""
-        if stop - start > self._reach:
-            self._reach = stop - start
-        await self.fill_to(stop)
-        return self._cache[start:stop]
+        cache = self._cache
+        if len(cache) < stop and not self._done:
+            await self.fill_to(stop)
+            cache = self._cache
+        found = cache[start:stop]
+        return found if type(found) is list else list(found)
 
     async def chunk_from(self, start: int, size: int, budget: float = 0.02) -> tuple[K, ...]:
         """Up to ``size`` keys from ``start``; empty when there are none.
@@ -149,8 +180,6 @@ class KeySequence(Generic[K]):
         Waits for at least one key, then gathers more for at most ``budget``
         seconds, so blocking consumers pay one round trip per chunk.
         """
-        if size > self._reach:
-            self._reach = size
         deadline = time.monotonic() + budget
         while len(self._cache) < start + size and not self.complete:
             if len(self._cache) > start and time.monotonic() > deadline:
@@ -163,10 +192,16 @@ class KeySequence(Generic[K]):
     def _start(self) -> None:
         if self._done or self._iter is not None or self._aiter is not None:
             return
-        source = self._factory()
+        try:
+            source = self._factory()
+        except BaseException as exc:
+            _note_source(exc, self._owner)
+            raise
         if _is_collection(source):
-            keys = list(source)
-            if self._skip and keys[: self._skip] != self._cache:
+            # A sequence is kept as it is (a lazy one stays lazy); a complete
+            # cache is never appended to.
+            keys = cast("list[K]", source if isinstance(source, Sequence) else list(source))
+            if self._skip and list(keys[: self._skip]) != self._cache:
                 raise RuntimeError(f"yield_keys() of {self._owner} changed between calls")
             self._cache = keys
             self._done = True
@@ -204,8 +239,9 @@ class KeySequence(Generic[K]):
             except StopIteration:
                 self._done = True
                 self._iter = None
-            except BaseException:
+            except BaseException as exc:
                 self._restart()
+                _note_source(exc, self._owner)
                 raise
             return
         pulling = self._pulling
@@ -213,7 +249,7 @@ class KeySequence(Generic[K]):
             # Another task is pulling; its key lands in the cache for us too.
             await pulling.wait()
             return
-        loop = asyncio.get_running_loop()
+        loop = anyio.lowlevel.current_token().native_token
         if self._aiter_loop is None:
             self._aiter_loop = loop
         elif self._aiter_loop is not loop:
@@ -223,7 +259,7 @@ class KeySequence(Generic[K]):
             self._restart()
             self._start()
             self._aiter_loop = loop
-        pulling = self._pulling = asyncio.Event()
+        pulling = self._pulling = anyio.Event()
         try:
             assert self._aiter is not None
             while True:
@@ -236,20 +272,30 @@ class KeySequence(Generic[K]):
         except StopAsyncIteration:
             self._done = True
             self._aiter = None
-        except BaseException:
+        except BaseException as exc:
             self._restart()
+            _note_source(exc, self._owner)
             raise
         finally:
             self._pulling = None
             pulling.set()
 
 
+def _note_source(exc: BaseException, owner: str) -> None:
+    """Say on ``exc`` which dataset's keys were being discovered, once."""
+    if isinstance(exc, Exception) and not getattr(exc, "_mlworkflow_async_keys_noted", False):
+        exc.add_note(f"while discovering the keys of {owner} (its yield_keys())")
+        exc._mlworkflow_async_keys_noted = True  # type: ignore[attr-defined]
+
+
 class _KeyIterator(AsyncIterator[K]):
-    __slots__ = ("_cache", "_i", "_seq")
+
+    __slots__ = ("__weakref__", "_cache", "_i", "_seq")
 
     def __init__(self, seq: KeySequence[K]) -> None:
         self._seq = seq
         self._i = 0
+        seq.claim(self, 1)
         # The sequence may swap its list for a longer one with the same
         # start (when its keys turn out to be a collection): what this
         # iterator holds stays valid, and is refreshed once read through.

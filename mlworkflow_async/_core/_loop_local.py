@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import anyio.lowlevel
 
 T = TypeVar("T")
 
@@ -21,12 +22,11 @@ class LoopLocal(Generic[T]):
 
     def __init__(self, factory: Callable[[], T]) -> None:
         self._factory = factory
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Keyed by the asyncio loop or the trio run token.
+        self._by_loop: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
 
     def get(self) -> T:
-        loop = asyncio.get_running_loop()
+        loop = anyio.lowlevel.current_token().native_token
         value = self._by_loop.get(loop)
         if value is None:
             value = self._by_loop[loop] = self._factory()

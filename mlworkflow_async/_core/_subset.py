@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Sequence, Set
 from typing import TypeVar
 
 from .._combinators._derived import Derived
@@ -20,30 +20,49 @@ class Subset(Derived[K, V]):
     >>> import asyncio
     >>> from mlworkflow_async import DictDataset
     >>> sub = Subset(DictDataset({1: "a", 2: "b", 3: "c"}), [3, 1])
-    >>> len(sub), asyncio.run(sub.query([3, 1]), ).tolist()
+    >>> len(sub), asyncio.run(sub.query([3, 1])).tolist()
     (2, ['c', 'a'])
+
+    Reading the subset's keys checks that each is a key of ``parent``; one
+    that is not raises ``KeyError`` naming it.
     """
 
     parent: Dataset[K, V]
+    batched_queries = True
 
     def __init__(self, parent: Dataset[K, V], keys: Iterable[K]) -> None:
         self.parent = parent
         self._subset_keys = tuple(keys)
         self._members = frozenset(self._subset_keys)
 
+    def yield_keys(self) -> tuple[K, ...] | AsyncIterator[K]:
+        parent_keys = self.parent.keys
+        if parent_keys.complete:
+            self._check_members(parent_keys.known_list())
+            return self._subset_keys
+        return self._checked_keys()
 
-    def yield_keys(self) -> tuple[K, ...]:
-        return self._subset_keys
+    async def _checked_keys(self) -> AsyncIterator[K]:
+        self._check_members(await self.parent.keys.sequence())
+        for key in self._subset_keys:
+            yield key
+
+    def _check_members(self, parent_keys: Sequence[K]) -> None:
+        known = parent_keys if isinstance(parent_keys, Set) else frozenset(parent_keys)
+        for key in self._subset_keys:
+            if key not in known:
+                raise KeyError(
+                    f"{key!r} is one of the keys given to this Subset, but not a key of its "
+                    f"parent {type(self.parent).__name__}"
+                )
 
     def _check(self, key: K) -> None:
         if key not in self._members:
             raise KeyError(f"{key!r} is not one of the keys of this Subset")
 
-    async def query_item(self, key: K) -> V:
-        self._check(key)
-        return await self.parent.query_item(key)
-
-    async def query_items(self, keys: Sequence[K]) -> list[V]:
+    async def query_items(
+        self, keys: Sequence[K], concurrency: int | None = None
+    ) -> list[V]:
         for key in keys:
             self._check(key)
-        return await self.parent.query_items(keys)
+        return await self._parent_items(list(keys), concurrency)

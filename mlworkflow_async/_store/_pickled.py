@@ -32,11 +32,9 @@ once complete and synced to disk, so a reader never sees a partial file.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence, Sized
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence, Sized
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
@@ -150,7 +148,7 @@ class PickledDataset(Dataset[Any, Any]):
         allow = tuple(allow)
         if is_url(path):
             options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
-            dataset = cls.__new__(cls)
+            dataset: PickledDataset = cls.__new__(cls)
             dataset._options = options
             dataset._reader = await SourceReader.open(path, **remote)
             return dataset
@@ -189,7 +187,9 @@ class PickledDataset(Dataset[Any, Any]):
     async def query_item(self, key: Any) -> Any:
         return (await self._reader.query((key,)))[0]
 
-    async def query_items(self, keys: Sequence[Any]) -> list[Any]:
+    async def query_items(
+        self, keys: Sequence[Any], concurrency: int | None = None
+    ) -> list[Any]:
         """The items of ``keys`` in order, read in one go (one thread call at most)."""
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
@@ -256,10 +256,11 @@ class PickledDataset(Dataset[Any, Any]):
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
-        Returns the number of items written. Items are fetched with
-        ``dataset.query_items`` on chunks of keys, up to ``concurrency`` at
-        a time, and written in key order; pickling and writing happen in a
-        worker thread. The dataset's ``context`` mapping, if any, is stored.
+        Returns the number of items written. Items are fetched the way the
+        dataset fetches (``query_items`` on chunks of keys for a bulk
+        backend, ``query_item`` otherwise), up to ``concurrency`` at a time,
+        and written in key order; pickling and writing happen in a worker
+        thread while the next chunks load. The dataset's ``context`` mapping, if any, is stored.
         A blocking dataset (such as an original ``mlworkflow`` one) is
         wrapped with :func:`~mlworkflow_async.from_sync`.
 
@@ -284,7 +285,6 @@ class PickledDataset(Dataset[Any, Any]):
         if not isinstance(context, Mapping):
             context = None
         chunk = min(concurrency, _CHUNK)
-        ahead = max(1, concurrency // chunk)
 
         def open_sink() -> Sink:
             sink: Sink
@@ -305,15 +305,22 @@ class PickledDataset(Dataset[Any, Any]):
         encoder = Encoder(sink.name)
         bar = _progress_bar(progress, _known_length(source), sink.name)
         committed = False
+        engine = dataset._engine(source, chunk, concurrency)
         try:
-            async with contextlib.aclosing(_fetch(dataset, source, chunk, ahead)) as fetched:
-                async for chunk_keys, items in fetched:
-                    await anyio.to_thread.run_sync(_write_chunk, encoder, sink, chunk_keys, items)
-                    if bar is not None:
-                        bar.update(len(chunk_keys))
+            while True:
+                try:
+                    unit = await engine.next_unit()
+                except StopAsyncIteration:
+                    break
+                await anyio.to_thread.run_sync(
+                    _write_chunk, encoder, sink, unit.keys, unit.batch
+                )
+                if bar is not None:
+                    bar.update(len(unit.keys))
             await anyio.to_thread.run_sync(_finish, encoder, sink, context)
             committed = True
         finally:
+            await engine.aclose()
             if not committed:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(sink.discard)
@@ -364,72 +371,6 @@ def _known_length(source: object) -> int | None:
     if isinstance(source, KeySequence):
         return len(source) if source.complete else None
     return len(source) if isinstance(source, Sized) else None
-
-
-async def _chunks(
-    source: Iterable[Any] | AsyncIterable[Any], size: int
-) -> AsyncGenerator[list[Any], None]:
-    chunk: list[Any] = []
-    if isinstance(source, AsyncIterable):
-        async for key in source:
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    else:
-        for key in source:
-            chunk.append(key)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
-
-
-async def _fetch(
-    dataset: Dataset[Any, Any],
-    source: Iterable[Any] | AsyncIterable[Any],
-    size: int,
-    ahead: int,
-) -> AsyncGenerator[tuple[list[Any], list[Any]], None]:
-    """Yield ``(keys, items)`` chunks in order, fetching up to ``ahead`` chunks at once."""
-    pending: deque[tuple[list[Any], asyncio.Task[list[Any]]]] = deque()
-    chunks = _chunks(source, size)
-    exhausted = False
-
-    async def fetch(chunk_keys: list[Any]) -> list[Any]:
-        return list(await dataset.query_items(chunk_keys))
-
-    async def fill() -> None:
-        nonlocal exhausted
-        while not exhausted and len(pending) < ahead:
-            try:
-                chunk_keys = await anext(chunks)
-            except StopAsyncIteration:
-                exhausted = True
-                return
-            pending.append((chunk_keys, asyncio.ensure_future(fetch(chunk_keys))))
-
-    try:
-        while True:
-            await fill()
-            if not pending:
-                return
-            chunk_keys, task = pending.popleft()
-            items = await task
-            await fill()  # the next chunks load while this one is written
-            if len(items) != len(chunk_keys):
-                raise ValueError(
-                    f"{type(dataset).__name__}.query_items returned {len(items)} items "
-                    f"for {len(chunk_keys)} keys"
-                )
-            yield chunk_keys, items
-    finally:
-        for _, task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-        await chunks.aclose()
 
 
 def _write_chunk(encoder: Encoder, sink: Sink, keys: list[Any], items: list[Any]) -> None:

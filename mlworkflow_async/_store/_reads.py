@@ -18,7 +18,6 @@ Either way, touching the array later does not wait for the disk.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import mmap
@@ -28,6 +27,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _page_cache as pages
@@ -248,7 +249,7 @@ class FileReader:
                 self._since_yield += len(out)
                 if self._since_yield >= _YIELD_EVERY:
                     self._since_yield = 0
-                    await asyncio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
         finally:
             handle.release()
         return out

@@ -1,0 +1,255 @@
+"""The stream of batches that ``Dataset.batches()`` returns: iterate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._collate import Collate
+from ._engine import Engine, Failure, OnError, StreamStats
+from ._keys import KeySequence
+from ._order import KnownOrder, StreamedOrder, StreamSpec
+
+if TYPE_CHECKING:
+    from ._dataset import Dataset
+
+__all__ = ["BatchStream"]
+
+K = TypeVar("K")
+
+
+class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
+    """Async iterator of ``(keys, batch)`` pairs, returned by :meth:`Dataset.batches`.
+
+    Iterate it with ``async for``. Leaving the loop early cancels the fetches
+    in flight; ``await stream.aclose()`` or ``async with`` does so at once.
+
+    :meth:`state_dict` records where the stream is, at any point, as a small
+    JSON-serialisable dict; ``dataset.batches(..., resume=state)`` continues
+    from there with exactly the batches not handed out yet.
+
+    >>> import asyncio
+    >>> from mlworkflow_async import DictDataset
+    >>> ds = DictDataset({i: i for i in range(10)})
+    >>> async def main():
+    ...     stream = ds.batches(4, shuffle=1)
+    ...     first = await anext(stream)
+    ...     state = stream.state_dict()
+    ...     await stream.aclose()
+    ...     rest = [keys async for keys, _ in ds.batches(4, shuffle=1, resume=state)]
+    ...     return sorted(first[0] + sum(rest, []))
+    >>> asyncio.run(main())
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+
+    # The workers reference the engine, never this handle, so dropping the
+    # handle (as leaving an ``async for`` does) runs __del__ and cancels them.
+    __slots__ = (
+        "_bar",
+        "_collate",
+        "_concurrency",
+        "_dataset",
+        "_engine",
+        "_failures",
+        "_keys",
+        "_max_failures",
+        "_on_error",
+        "_order",
+        "_progress",
+        "_resume",
+        "_spec",
+        "_stats",
+    )
+
+    def __init__(
+        self,
+        dataset: Dataset[K, Any],
+        keys: AsyncIterable[K] | Iterable[K],
+        collate: Collate,
+        spec: StreamSpec,
+        concurrency: int,
+        on_error: OnError,
+        max_failures: float | None,
+        resume: dict[str, Any] | None,
+        progress: bool,
+    ) -> None:
+        self._dataset = dataset
+        self._keys = keys
+        self._collate = collate
+        self._spec = spec
+        self._concurrency = concurrency
+        self._on_error = on_error
+        self._max_failures = max_failures
+        self._resume = resume
+        self._progress = progress
+        self._engine: Engine[K] | None = None
+        self._order: KnownOrder[K] | StreamedOrder[K] | None = None
+        self._stats = StreamStats()
+        self._failures: list[Failure[K]] = []
+        self._bar: Any = None
+        if resume is not None:
+            spec.check(resume)  # wrong arguments fail here, before anything runs
+
+    # -- iteration ---------------------------------------------------------
+
+    def __aiter__(self) -> BatchStream[K]:
+        return self
+
+    async def __anext__(self) -> tuple[list[K], Any]:
+        engine = self._engine
+        if engine is None:
+            engine = await self._prepare()
+        try:
+            unit = await engine.next_unit()
+        except BaseException:
+            self._close_bar()
+            raise
+        keys = unit.kept_keys()
+        if self._bar is not None:
+            self._bar.update(len(keys))
+        return keys, unit.batch
+
+    async def _prepare(self) -> Engine[K]:
+        spec = self._spec
+        dataset = self._dataset
+        source = self._keys
+        order: KnownOrder[K] | StreamedOrder[K]
+        known: Sequence[K] | None = None
+        if isinstance(source, KeySequence):
+            if spec.shuffle is not None or spec.shard is not None or source.complete:
+                # Shuffling and sharding need every key: wait for them.
+                known = await source.sequence()
+        elif isinstance(source, Sequence):
+            known = source
+        elif spec.shuffle is not None or spec.shard is not None:
+            known = [key async for key in source] if isinstance(source, AsyncIterable) else list(
+                source
+            )
+        if known is not None:
+            order = KnownOrder(
+                known, spec.batch_size, spec.shuffle, spec.epoch, spec.shard,
+                spec.drop_incomplete,
+            )
+        else:
+            order = StreamedOrder(source, spec.batch_size)
+            if isinstance(source, KeySequence):
+                source.claim(order, spec.batch_size)
+        start, done = 0, frozenset[int]()
+        if self._resume is not None:
+            start, done = spec.check(self._resume)
+            if isinstance(order, KnownOrder):
+                order.check_keys(self._resume["keys"])
+            else:
+                await order.check_keys(self._resume["keys"])
+        self._order = order
+        bulk = dataset.batched_queries
+        collate = self._collate
+
+        async def fetch_unit(keys: list[K]) -> Any:
+            return await dataset.query_batch(keys, collate)
+
+        async def finish(items: list[Any]) -> Any:
+            from ._collate import collate_batch
+
+            return await collate_batch(items, collate)
+
+        engine = self._engine = Engine(
+            order,
+            owner=dataset,
+            concurrency=self._concurrency,
+            fetch_item=dataset.query_item,
+            fetch_unit=fetch_unit if bulk else None,
+            finish=finish,
+            ordered=spec.ordered,
+            on_error=self._on_error,
+            max_failures=self._max_failures,
+            start=start,
+            done=done,
+            drop_incomplete=spec.drop_incomplete,
+            stats=self._stats,
+        )
+        self._failures = engine.failures
+        if self._progress:
+            self._bar = _progress_bar(order, start, len(done))
+        return engine
+
+    # -- state ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: pass it as ``batches(..., resume=state)`` to continue.
+
+        Small and JSON-serialisable: its size is constant for an ordered
+        stream and grows at most with ``concurrency`` in completion order.
+        """
+        engine, order = self._engine, self._order
+        if engine is None or order is None:
+            if self._resume is not None:
+                return dict(self._resume)
+            return self._spec.state(0, (), {"count": 0, "fingerprint": None})
+        position = engine.position
+        if isinstance(order, KnownOrder):
+            keys = order.fingerprint()
+        else:
+            keys = order.fingerprint(position * self._spec.batch_size)
+        return self._spec.state(position, engine.done_beyond, keys)
+
+    @property
+    def failures(self) -> list[Failure[K]]:
+        """The items left out with ``on_error="skip"``: each a ``Failure(key, exception)``."""
+        return self._failures
+
+    @property
+    def stats(self) -> StreamStats:
+        """Counts of the stream so far (items fetched, failed, in flight, waits, rate)."""
+        return self._stats
+
+    # -- closing -------------------------------------------------------------
+
+    async def __aenter__(self) -> BatchStream[K]:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the stream and cancel every fetch in flight."""
+        self._close_bar()
+        if self._engine is not None:
+            await self._engine.aclose()
+
+    def _close_bar(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.cancel()
+
+    def __repr__(self) -> str:
+        spec = self._spec
+        state = "not started" if self._engine is None else f"at batch {self._engine.position}"
+        return (
+            f"<mlworkflow_async.BatchStream of {type(self._dataset).__name__}, "
+            f"batch_size={spec.batch_size}, {state}>"
+        )
+
+
+def _progress_bar(order: KnownOrder[Any] | StreamedOrder[Any], start: int, done: int) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn(
+            "batches(progress=True) shows a progress bar with tqdm, which is not installed: "
+            "pip install 'mlworkflow-async[tqdm]'",
+            stacklevel=4,
+        )
+        return None
+    total = order.count if isinstance(order, KnownOrder) else None
+    initial = min(total or 0, (start + done) * order.batch_size) if total else 0
+    return tqdm(total=total, initial=initial, unit="item", desc="batches")
