@@ -283,3 +283,16 @@ def test_info_and_verify_on_a_url(server: RangeServer, capsys: pytest.CaptureFix
     assert f"OK: all {N} items" in capsys.readouterr().out
     assert main(["info", server.url("absent.pkl")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_remote_files_under_trio(server: RangeServer) -> None:
+    import anyio
+
+    pytest.importorskip("trio")
+
+    async def main() -> list[Any]:
+        async with await PickledDataset.open(server.url("small.pkl"), tail=16) as ds:
+            return [batch_keys async for batch_keys, _ in ds.batches(100)]
+
+    batches = anyio.run(main, backend="trio")
+    assert sum(len(keys) for keys in batches) == N

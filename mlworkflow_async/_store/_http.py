@@ -11,6 +11,8 @@ httpx spent about 8 times the CPU per request (see the README).
 Sessions are bound to an event loop, so each transport keeps one
 ``aiohttp.ClientSession`` per loop it is used from (the caller's loop, the
 blocking view's loop...). Connections are kept alive between requests.
+Under trio, requests are made on the blocking view's asyncio loop, through a
+worker thread.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import asyncio
 import re
 import urllib.parse
 import weakref
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
+import anyio.to_thread
 
 from ..exceptions import RemoteFileChangedError, RemoteFileError, RemoteFileNotFoundError
 from ._remote import Opened, Transient
 
 __all__ = ["HttpTransport"]
+
+T = TypeVar("T")
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 _UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)", re.ASCII)
@@ -77,6 +83,8 @@ class HttpTransport:
 
     async def open(self, tail: int) -> Opened:
         """Fetch the last ``tail`` bytes (one request), learning the size and the ETag."""
+        if not _on_asyncio():
+            return await _on_the_portal(self.open, tail)
         what = f"the last {tail} bytes"
         try:
             async with (await self._session()).get(
@@ -120,6 +128,8 @@ class HttpTransport:
 
     async def fetch(self, start: int, stop: int) -> bytes:
         """Bytes ``[start, stop)`` of the file, as it was when opened."""
+        if not _on_asyncio():
+            return await _on_the_portal(self.fetch, start, stop)
         headers = {"Range": f"bytes={start}-{stop - 1}"}
         if self._etag is not None and not self._etag.startswith("W/"):
             headers["If-Match"] = self._etag  # a conforming server answers 412 if it changed
@@ -195,6 +205,9 @@ class HttpTransport:
 
     async def aclose(self) -> None:
         """Close this loop's session (other loops' sessions: see :meth:`close`)."""
+        if not _on_asyncio():
+            self.close()
+            return
         held = self._sessions.pop(asyncio.get_running_loop(), None)
         if held is not None:
             await held[0].close()
@@ -215,6 +228,22 @@ class HttpTransport:
                 task.add_done_callback(_pending.discard)
             else:
                 asyncio.run_coroutine_threadsafe(session.close(), loop)
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _on_the_portal(call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await call(*args)`` on the blocking view's asyncio loop (aiohttp needs asyncio)."""
+    from .._core._portal import get_portal
+
+    portal = get_portal()
+    return await anyio.to_thread.run_sync(lambda: portal.call(call, *args))
 
 
 async def _closing(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:

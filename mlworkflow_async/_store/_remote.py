@@ -30,8 +30,6 @@ has the byte-source interface every PickledDataset reader reads through:
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeGuard
@@ -39,6 +37,7 @@ from typing import Any, NamedTuple, Protocol, TypeGuard
 import anyio
 import anyio.to_thread
 
+from .._core._loop_local import LoopLocal
 from ..exceptions import RemoteFileError
 
 __all__ = ["RemoteOptions", "RemoteSource", "is_url", "open_source"]
@@ -137,16 +136,11 @@ class Stats:
 
 
 # Semaphores per event loop and host: requests of every file of a host share one bound.
-_limits: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, int], anyio.Semaphore]
-] = weakref.WeakKeyDictionary()
+_limits: LoopLocal[dict[tuple[str, int], anyio.Semaphore]] = LoopLocal(dict)
 
 
 def _host_limit(host: str, limit: int) -> anyio.Semaphore:
-    loop = asyncio.get_running_loop()
-    by_host = _limits.get(loop)
-    if by_host is None:
-        by_host = _limits[loop] = {}
+    by_host = _limits.get()
     semaphore = by_host.get((host, limit))
     if semaphore is None:
         semaphore = by_host[host, limit] = anyio.Semaphore(limit)
