@@ -82,7 +82,7 @@ def _from_memory(request: Request, held: tuple[bytes, str] | None) -> Response:
     if not first:
         start, stop = max(0, size - int(last)), size
     else:
-        start, stop = int(first), min(size, int(last) + 1)
+        start, stop = int(first), min(size, int(last) + 1) if last else size
     headers = {"Content-Range": f"bytes {start}-{stop - 1}/{size}", "ETag": etag}
     return Response(data[start:stop], status_code=206, headers=headers)
 

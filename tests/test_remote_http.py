@@ -296,3 +296,26 @@ def test_remote_files_under_trio(server: RangeServer) -> None:
 
     batches = anyio.run(main, backend="trio")
     assert sum(len(keys) for keys in batches) == N
+
+
+async def test_shuffled_sharded_and_resumed_epochs(server: RangeServer, folder: Path) -> None:
+    async with await PickledDataset.open(server.url("small.pkl")) as ds, await PickledDataset.open(
+        folder / "small.pkl"
+    ) as local:
+        remote_keys = []
+        for rank in (0, 1):
+            async for keys, _ in ds.batches(64, shuffle=7, epoch=2, shard=(rank, 2)):
+                remote_keys += keys
+        local_keys = []
+        for rank in (0, 1):
+            async for keys, _ in local.batches(64, shuffle=7, epoch=2, shard=(rank, 2)):
+                local_keys += keys
+        assert remote_keys == local_keys
+        assert sorted(remote_keys) == sorted(ds.yield_keys())
+        stream = ds.batches(64, shuffle=7)
+        first = [keys for keys, _ in [await anext(stream) for _ in range(3)]]
+        state = stream.state_dict()
+        await stream.aclose()
+        rest = [keys async for keys, _ in ds.batches(64, shuffle=7, resume=state)]
+        every = [keys async for keys, _ in local.batches(64, shuffle=7)]
+        assert first + rest == every

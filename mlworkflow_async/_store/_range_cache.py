@@ -38,6 +38,7 @@ DEFAULT_BLOCK = 16 << 10
 #: The default bound of a cache folder, in bytes.
 DEFAULT_LIMIT = 8 << 30
 _SUFFIX = ".ranges"
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 _PAGE = 4096
 
 
@@ -100,15 +101,38 @@ class RangeCache:
         self._refresh(first, stop)
         return self.present.find(0, first, stop) < 0
 
-    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | None]:
+    def read(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray | None]:
         """The bytes of each ``(offset, length)``, or None where some block is missing."""
-        out: list[bytes | None] = []
+        out: list[bytes | bytearray | None] = []
         for offset, length in ranges:
             if self.has(offset, length):
                 data = os.pread(self.fd, length, offset)
                 out.append(data if len(data) == length else None)
             else:
                 out.append(None)
+        return out
+
+    def read_nowait(
+        self, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes | bytearray | None] | None:
+        """:meth:`read`, on the calling thread, if every range is marked and in the page cache.
+
+        Else None, without waiting on the disk: call :meth:`read` in a worker thread then.
+        """
+        if _NOWAIT is None:
+            return None
+        present, block, fd = self.present, self.block, self.fd
+        out: list[bytes | bytearray | None] = []
+        try:
+            for offset, length in ranges:
+                if present.find(0, offset // block, -(-(offset + length) // block)) >= 0:
+                    return None
+                buf = bytearray(length)
+                if os.preadv(fd, (buf,), offset, _NOWAIT) != length:
+                    return None
+                out.append(buf)
+        except OSError:  # not cached (EAGAIN), or not supported here
+            return None
         return out
 
     def view(self) -> memoryview:

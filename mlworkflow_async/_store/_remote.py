@@ -259,7 +259,11 @@ class RemoteSource:
         self, ranges: Sequence[tuple[int, int]], todo: list[int], out: list[memoryview | None]
     ) -> list[int]:
         """Fill ``out`` from the cache; return the indices it did not have."""
-        found = await anyio.to_thread.run_sync(self.cache.read, [ranges[i] for i in todo])
+        wanted = [ranges[i] for i in todo]
+        # Cached blocks in the page cache are read right here: no thread hop.
+        found = self.cache.read_nowait(wanted)
+        if found is None:
+            found = await anyio.to_thread.run_sync(self.cache.read, wanted)
         missing = []
         for i, data in zip(todo, found, strict=True):
             if data is None:
