@@ -15,15 +15,22 @@ from ._core._adapters import from_sync
 from ._core._collate import batchify, chunkify
 from ._core._dataset import Dataset
 from ._core._dict_dataset import DictDataset
+from ._core._engine import Failure, StreamStats
+from ._core._keys import KeySequence
+from ._core._stream import BatchStream
 from ._core._subset import Subset
 from ._runner._side_runner import SideRunner
 from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
+    ItemCountError,
     KeysNotReadyError,
+    MlworkflowAsyncError,
     PickledFileError,
+    ResumeError,
     RunnerClosedError,
     SyncInLoopError,
+    TooManyFailuresError,
     UnpicklableItemError,
     UnsafePickleError,
     UnsupportedVersionError,
@@ -31,18 +38,26 @@ from .exceptions import (
 
 __all__ = [
     "AugmentedDataset",
+    "BatchStream",
     "CachedDataset",
     "CorruptFileError",
     "Dataset",
     "DictDataset",
+    "Failure",
     "FilteredDataset",
+    "ItemCountError",
+    "KeySequence",
     "KeysNotReadyError",
+    "MlworkflowAsyncError",
     "PickledDataset",
     "PickledFileError",
+    "ResumeError",
     "RunnerClosedError",
     "SideRunner",
+    "StreamStats",
     "Subset",
     "SyncInLoopError",
+    "TooManyFailuresError",
     "TransformedDataset",
     "UnpicklableItemError",
     "UnsafePickleError",
@@ -51,3 +66,4 @@ __all__ = [
     "chunkify",
     "from_sync",
 ]
+

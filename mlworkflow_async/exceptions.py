@@ -15,6 +15,7 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
         ├── CorruptFileError
         ├── UnsupportedVersionError
         ├── UnsafePickleError
+        ├── KeyClassNotFoundError
         └── RemoteFileError (a file behind a URL)
             ├── RemoteFileNotFoundError (also FileNotFoundError)
             └── RemoteFileChangedError
@@ -32,6 +33,7 @@ from typing import Any
 __all__ = [
     "CorruptFileError",
     "ItemCountError",
+    "KeyClassNotFoundError",
     "KeysNotReadyError",
     "MlworkflowAsyncError",
     "PickledFileError",
@@ -167,6 +169,15 @@ class UnsupportedVersionError(PickledFileError):
     """The file was written by a newer version of mlworkflow-async.
 
     Upgrade the library to read it.
+    """
+
+
+class KeyClassNotFoundError(PickledFileError):
+    """The keys (or context) of the file are of a class that cannot be imported here.
+
+    The message names the module or class the file needs: install or import
+    the package that defines it (the one that wrote the file), then open the
+    file again.
     """
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -134,3 +138,43 @@ def write_original_file(
     if context is not None:
         source._context = context  # where the original looks for it
     mlworkflow.PickledDataset.create(source, str(path))
+
+
+READER_SCRIPT = Path(__file__).parent / "scripts" / "read_files.py"
+
+
+def read_in_subprocess(
+    files: list[Path], folder: Path, names: list[str] | None = None, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """Read each file in every mode in a child process (see ``scripts/read_files.py``).
+
+    Returns one ``{"outcomes": {mode: outcome}, "messages": [...]}`` per file.
+    A crash or a hang fails with the name (``names[i]``, else the path) of the
+    file and the mode being read, taken from the child's progress file.
+    """
+    job = folder / f"job-{os.getpid()}-{len(list(folder.glob('job-*')))}.json"
+    progress = job.with_suffix(".progress")
+    job.write_text(json.dumps({"files": [str(f) for f in files], "progress": str(progress)}))
+    try:
+        child = subprocess.run(
+            [sys.executable, str(READER_SCRIPT), str(job)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        failure = None if child.returncode == 0 else (
+            f"exit status {child.returncode}: {child.stderr[-2000:]}"
+        )
+    except subprocess.TimeoutExpired:
+        child, failure = None, f"no answer after {timeout} s"
+    if failure is not None:
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        where = "before reading anything"
+        if lines and lines[-1] == "done":
+            where = "after reading every file (at exit)"
+        elif lines:
+            index, mode = lines[-1].split(" ", 1)
+            name = names[int(index)] if names else str(files[int(index)])
+            where = f"while reading {name} ({mode})"
+        raise AssertionError(f"the reading process failed {where}: {failure}")
+    assert child is not None
+    results: list[dict[str, Any]] = json.loads(child.stdout)["results"]
+    return results

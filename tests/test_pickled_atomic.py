@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +177,106 @@ def test_killed_writer_of_a_file_object_leaves_an_unreadable_file(tmp_path: Path
     assert path.stat().st_size > 0
     with pytest.raises(CorruptFileError, match=r"direct\.pkl"):
         PickledDataset(path)
+
+
+async def test_create_into_a_directory_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "some_dir"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match="some_dir: it is a directory") as info:
+        await PickledDataset.create(DictDataset(PREVIOUS), target)
+    assert info.value.filename == str(target)
+    assert leftovers(str(tmp_path)) == []
+    assert list(target.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs); mounting one needs root."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (see the RLIMIT_FSIZE test)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+async def test_disk_full_names_the_file_and_leaves_nothing(tiny_filesystem: Path) -> None:
+    path = tiny_filesystem / "data.pkl"
+    await write_previous(path)
+    big = DictDataset({i: np.full(100_000, i, dtype=np.int64) for i in range(4)})  # 3.2 MB
+    with pytest.raises(OSError, match=r"cannot write .*tiny/data\.pkl: No space left") as info:
+        await PickledDataset.create(big, path)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(path)
+    await read_previous(path)
+    assert leftovers(str(tiny_filesystem)) == []
+
+
+FILE_SIZE_LIMIT = textwrap.dedent(
+    """
+    import asyncio, resource, signal, sys
+    sys.path.insert(0, {repo!r})
+    import numpy as np
+    from mlworkflow_async import DictDataset, PickledDataset
+
+    # Past the limit a write fails with EFBIG, as a full disk fails with ENOSPC.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    big = DictDataset({{i: np.full(100_000, i, dtype=np.int64) for i in range(4)}})
+    try:
+        asyncio.run(PickledDataset.create(big, {path!r}))
+    except OSError as exc:
+        print(exc.errno, exc.filename, exc, sep="\\n")
+    """
+)
+
+
+def test_failed_write_names_the_file_and_leaves_nothing(tmp_path: Path) -> None:
+    # Works without root: the file size limit makes the write itself fail.
+    path = tmp_path / "data.pkl"
+    code = FILE_SIZE_LIMIT.format(repo=REPO, path=str(path))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    number, filename, message = child.stdout.splitlines()
+    assert int(number) == errno.EFBIG
+    assert filename == str(path)
+    assert message.startswith(f"[Errno {errno.EFBIG}] cannot write {path}: File too large")
+    assert not path.exists()
+    assert leftovers(str(tmp_path)) == []
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """No file can be created in ``folder`` (root ignores modes: make it immutable)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and chattr +i is not available to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+async def test_read_only_folder_names_the_target_file(tmp_path: Path) -> None:
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    path = folder / "data.pkl"
+    with read_only(folder), pytest.raises(PermissionError) as info:
+        await PickledDataset.create(DictDataset({"a": 1}), path)
+    assert info.value.filename == str(path)
+    assert f"cannot write {path}: no permission to create files in its folder" in str(info.value)
+    assert ".tmp" not in str(info.value)
+    assert leftovers(str(folder)) == []

@@ -6,6 +6,7 @@ import asyncio
 import os
 import pickle
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,17 @@ import mlworkflow
 import numpy as np
 import pytest
 
-from mlworkflow_async import CorruptFileError, DictDataset, PickledDataset, PickledFileError
+from mlworkflow_async import (
+    CorruptFileError,
+    DictDataset,
+    PickledDataset,
+    PickledFileError,
+    UnsupportedVersionError,
+)
 from mlworkflow_async._store._format import TRAILER, TRAILER_SIZE
+from mlworkflow_async.exceptions import KeyClassNotFoundError
 
-from ._pickled_util import assert_same, small_items, write_file, write_original_file
+from ._pickled_util import Key, assert_same, small_items, write_file, write_original_file
 
 ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in range(12)}
 
@@ -198,8 +206,9 @@ async def test_file_truncated_after_opening(tmp_path: Path, mmap: bool) -> None:
 
 
 def test_a_directory_is_not_a_dataset(tmp_path: Path) -> None:
-    with pytest.raises(CorruptFileError, match="not a regular file"):
+    with pytest.raises(IsADirectoryError, match="Is a directory") as info:
         PickledDataset(tmp_path)
+    assert info.value.filename == str(tmp_path)
 
 
 def test_missing_file_is_a_plain_file_not_found(tmp_path: Path) -> None:
@@ -222,3 +231,71 @@ def test_header_only_and_partial_magic(tmp_path: Path, good_file: Path) -> None:
         with pytest.raises(CorruptFileError, match="truncated"):
             PickledDataset(path)
     assert struct.unpack_from("<I", data, 8)[0] == 1
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize(("field", "value"), [
+    ("offset", 2**63 + 64), ("span", 2**64 - 1), ("pickle_length", 2**63 + 5),
+    ("buffer_start", 2**63), ("buffer_stop", 2**64 - 8),
+])
+def test_index_integers_too_large_for_any_file(
+    good_file: Path, mmap: bool, field: str, value: int
+) -> None:
+    def enlarge(index: dict[str, Any]) -> None:
+        if field.startswith("buffer"):
+            rows = np.frombuffer(index["buffers"], dtype="<u8").reshape(-1, 2).copy()
+            rows[-1, int(field == "buffer_stop")] = value
+            index["buffers"] = rows.tobytes()
+        else:
+            table = np.frombuffer(index["table"], dtype="<u8").reshape(-1, 4).copy()
+            table[-1, ["offset", "span", "pickle_length"].index(field)] = value
+            index["table"] = table.tobytes()
+
+    rebuild_index(good_file, enlarge)
+    with pytest.raises(CorruptFileError, match=r"good\.pkl.*too large for any file"):
+        PickledDataset(good_file, mmap=mmap)
+
+
+@pytest.mark.parametrize(("offset", "value"), [(12, 1), (15, 0x80), (16, 1), (63, 0xFF)])
+def test_unknown_header_flags_or_reserved_bytes(good_file: Path, offset: int, value: int) -> None:
+    damage(good_file, offset, value)  # flags are bytes 12-15, reserved bytes 16-63
+    with pytest.raises(UnsupportedVersionError, match=r"good\.pkl sets header flags") as info:
+        PickledDataset(good_file)
+    assert info.value.path == str(good_file)
+
+
+def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "vanishing_keys.py"
+    module.write_text("from typing import NamedTuple\n\n"
+                      "class Id(NamedTuple):\n    n: int\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_keys  # type: ignore[import-not-found]
+
+    path = tmp_path / "ids.pkl"
+    write_file(path, {vanishing_keys.Id(1): "one"})
+    monkeypatch.delitem(sys.modules, "vanishing_keys")
+    sys.path.remove(str(tmp_path))  # as in a process that never had it
+    with pytest.raises(KeyClassNotFoundError, match=r"ids\.pkl need the module "
+                       r"'vanishing_keys'.*install or import") as info:
+        PickledDataset(path)
+    assert info.value.path == str(path)
+    assert not isinstance(info.value, CorruptFileError)
+    # Safe mode imports nothing: the class must be allowed, and then it is at hand.
+    with PickledDataset(path, safe=True, allow=[vanishing_keys.Id]) as ds:
+        assert list(ds.yield_keys()) == [vanishing_keys.Id(1)]
+
+
+def test_key_class_missing_from_its_module(tmp_path: Path) -> None:
+    path = tmp_path / "ids.pkl"
+    write_file(path, {"a": 1})
+
+    def renamed(index: dict[str, Any]) -> None:
+        index["keys"] = [Key("a", 1)]
+
+    rebuild_index(path, renamed)
+    data = path.read_bytes().replace(b"\x8c\x03Key", b"\x8c\x03Kez")
+    offset, length, _, end = TRAILER.unpack_from(data, len(data) - TRAILER_SIZE)
+    blob = data[offset:offset + length]
+    path.write_bytes(data[:offset] + blob + TRAILER.pack(offset, length, zlib.crc32(blob), end))
+    with pytest.raises(KeyClassNotFoundError, match=r"tests\._pickled_util\.Kez"):
+        PickledDataset(path)

@@ -230,12 +230,8 @@ class Memo(Generic[K, T]):
     ) -> Sequence[T]:
         """Fetch ``mine``, registered as loading by ``flight``; store and hand out the values."""
         try:
+            # Callers hand in fetches that check their counts (one value per key).
             fetched = await fetch_many(mine)
-            if len(fetched) != len(mine):
-                raise RuntimeError(
-                    f"fetching {len(mine)} values returned {len(fetched)}: "
-                    f"query_items() must return one item per key, in order"
-                )
         except BaseException as exc:
             self._land(mine)
             flight.settle((), exc)

@@ -123,7 +123,7 @@ class KeySequence(Generic[K]):
 
     def __repr__(self) -> str:
         state = "complete" if self._done else "partial"
-        return f"<keys of {self._owner}: {len(self._cache)} known, {state}>"
+        return f"<mlworkflow_async.KeySequence of {self._owner}: {len(self._cache)} known, {state}>"
 
     def __iter__(self) -> Iterator[K]:
         raise TypeError(

@@ -28,7 +28,8 @@ def _safe_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--safe",
         action="store_true",
-        help="unpickle with the restricted loader (builtins and numpy arrays only)",
+        help="unpickle with the restricted loader: builtins and numpy arrays and scalars of "
+        "plain dtypes only, for files you do not trust (slower)",
     )
 
 

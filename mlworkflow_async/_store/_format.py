@@ -8,6 +8,7 @@ left to the callers, so that it can happen off the event loop.
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -17,16 +18,18 @@ import numpy as np
 
 from ..exceptions import (
     CorruptFileError,
+    KeyClassNotFoundError,
+    PickledFileError,
     UnpicklableItemError,
     UnsafePickleError,
     UnsupportedVersionError,
 )
-from ._safe_unpickler import ForbiddenGlobal, Loads
+from ._safe_unpickler import ForbiddenGlobal, Loads, Refused
 
 MAGIC = b"\x89MLWDS\r\n"
 END_MAGIC = b"MLWDSEND"
 VERSION = 1
-HEADER = struct.Struct("<8sII48x")  # magic, version, flags
+HEADER = struct.Struct("<8sII48s")  # magic, version, flags, reserved (zeros)
 TRAILER = struct.Struct("<QQI4x8s")  # index offset, index length, index crc32, end magic
 HEADER_SIZE = HEADER.size
 TRAILER_SIZE = TRAILER.size
@@ -37,6 +40,9 @@ ALIGN = 64
 MAP_THRESHOLD = 1 << 20
 PAGE = 4096
 _ZEROS = memoryview(bytes(PAGE))
+
+#: No offset or length in a file may reach this (it would not fit an int64).
+MAX_FIELD = 1 << 62
 
 #: ``(offset, span, pickle_length, buffers)``: the item's bytes are
 #: ``[offset, offset + span)``; its pickle is the first ``pickle_length`` of
@@ -67,13 +73,17 @@ def item_error(path: str, key: object, exc: BaseException) -> CorruptFileError |
             f"mode does not allow; pass it in allow=(...) if you trust it",
             path,
         )
+    if isinstance(exc, Refused):
+        return UnsafePickleError(
+            f"item {key!r} of {path} is refused in safe mode: {exc}", path
+        )
     return CorruptFileError(
         f"item {key!r} of {path} cannot be unpickled{_hint(exc)}: {type(exc).__name__}: {exc}",
         path,
     )
 
 
-def index_error(path: str, exc: Exception) -> CorruptFileError | UnsafePickleError:
+def index_error(path: str, exc: Exception) -> PickledFileError:
     """The error to raise when the index (keys and context) cannot be unpickled."""
     if isinstance(exc, ForbiddenGlobal):
         return UnsafePickleError(
@@ -81,9 +91,38 @@ def index_error(path: str, exc: Exception) -> CorruptFileError | UnsafePickleErr
             f"safe mode does not allow; pass it in allow=(...) if you trust it",
             path,
         )
+    if isinstance(exc, Refused):
+        return UnsafePickleError(
+            f"the keys or context of {path} are refused in safe mode: {exc}", path
+        )
+    missing = _missing_class(exc)
+    if missing is not None:
+        return KeyClassNotFoundError(
+            f"the keys or context of {path} need {missing}, which cannot be imported here "
+            f"({type(exc).__name__}: {exc}): install or import the package defining it",
+            path,
+        )
     return corrupt(
         path, f"its index cannot be unpickled{_hint(exc)}: {type(exc).__name__}: {exc}"
     )
+
+
+def _missing_class(exc: BaseException) -> str | None:
+    """What a pickle wanted to import, when ``exc`` says it could not be found."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"the module {exc.name!r}"
+    if isinstance(exc, AttributeError):
+        module = getattr(exc, "obj", None)
+        if isinstance(module, type(pickle)):
+            return f"{module.__name__}.{exc.name}"
+        # The unpickler's own message: Can't get attribute 'X' on <module 'm' from ...>
+        found = _NO_ATTRIBUTE.match(str(exc))
+        if found:
+            return f"{found[2]}.{found[1]}"
+    return None
+
+
+_NO_ATTRIBUTE = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
 
 
 def _hint(exc: BaseException) -> str:
@@ -275,7 +314,7 @@ class Encoder:
 
 
 def header() -> bytes:
-    return HEADER.pack(MAGIC, VERSION, 0)
+    return HEADER.pack(MAGIC, VERSION, 0, bytes(48))
 
 
 # -- reading -----------------------------------------------------------------
@@ -285,7 +324,7 @@ def check_header(head: bytes, path: str) -> int:
     """The format version of a file starting with ``head``, which must begin with MAGIC."""
     if len(head) < HEADER_SIZE:
         raise corrupt(path, "it is truncated right after its header")
-    _, version, _ = HEADER.unpack_from(head)
+    _, version, flags, reserved = HEADER.unpack_from(head)
     if version > VERSION:
         raise UnsupportedVersionError(
             f"{path} was written by a newer version of mlworkflow-async (file format "
@@ -294,6 +333,14 @@ def check_header(head: bytes, path: str) -> int:
         )
     if version < 1:
         raise corrupt(path, f"its header announces format version {version}")
+    if flags or reserved.strip(b"\0"):
+        # A newer writer may use them; reading as if they were not set could be wrong.
+        raise UnsupportedVersionError(
+            f"{path} sets header flags this version does not know (flags {flags:#x}, "
+            f"reserved bytes {reserved.hex() if reserved.strip(bytes(1)) else 'zero'}): "
+            f"it was written by a newer version of mlworkflow-async, or is damaged",
+            path,
+        )
     return int(version)
 
 
@@ -302,6 +349,10 @@ def parse(read: Read, size: int, path: str, loads: Loads) -> Layout:
     if size < HEADER_SIZE + TRAILER_SIZE:
         raise corrupt(path, "it is truncated (the writer may have been interrupted)")
     index_offset, index_length, crc, end = TRAILER.unpack(read(size - TRAILER_SIZE, TRAILER_SIZE))
+    if index_offset >= MAX_FIELD or index_length >= MAX_FIELD:
+        raise corrupt(
+            path, f"its trailer is damaged (index offset {index_offset}, length {index_length})"
+        )
     if end != END_MAGIC:
         raise corrupt(
             path, "its end-of-file marker is missing: it is truncated, or its writer was "
@@ -324,15 +375,23 @@ def parse(read: Read, size: int, path: str, loads: Loads) -> Layout:
 
 def _entries_from_index(index: Any, data_end: int, path: str) -> Layout:
     try:
-        keys = tuple(index["keys"])
+        keys = index["keys"]
         table = np.frombuffer(index["table"], dtype="<u8").reshape(-1, 4)
         rows = np.frombuffer(index["buffers"], dtype="<u8").reshape(-1, 2)
         context = index["context"]
+        # Checked before the keys are copied: a list is as long as its pickle allows.
+        if type(keys) is not list or len(keys) != len(table):
+            raise ValueError(
+                f"{len(table)} table rows for {len(keys) if type(keys) is list else 'no'} keys"
+            )
+        keys = tuple(keys)
     except Exception as exc:
         raise corrupt(path, f"its index is malformed ({type(exc).__name__}: {exc})") from exc
     n = len(keys)
-    if len(table) != n or (context is not None and not isinstance(context, dict)):
-        raise corrupt(path, "its index is malformed (inconsistent sizes)")
+    if context is not None and not isinstance(context, dict):
+        raise corrupt(path, "its index is malformed (the context is not a dict)")
+    if (n and (table >= MAX_FIELD).any()) or (len(rows) and (rows >= MAX_FIELD).any()):
+        raise corrupt(path, "its index holds an offset or a length too large for any file")
     offsets, spans, plens, counts = (table[:, i].astype(np.int64) for i in range(4))
     if n and (
         (table[:, 3] > len(rows)).any()

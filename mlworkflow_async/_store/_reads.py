@@ -148,6 +148,10 @@ class FileReader:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(
+                    errno.EISDIR, "Is a directory, not a PickledDataset file", path
+                )
             if not stat.S_ISREG(info.st_mode):
                 raise corrupt(path, "it is not a regular file")
             self.size = info.st_size

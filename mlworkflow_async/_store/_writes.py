@@ -38,14 +38,26 @@ def _remainder(buffers: list[Any], written: int) -> list[Any]:
     return []
 
 
+def _naming(exc: OSError, path: str, what: str = "") -> OSError:
+    """``exc`` again (same class and errno), but naming ``path``, the file being written."""
+    reason = exc.strerror or str(exc)
+    return type(exc)(exc.errno, f"cannot write {path}: {what or reason}", path)
+
+
 class AtomicFile:
     """Writes go to a temporary file next to ``path``; :meth:`commit` renames it into place.
 
     Until then ``path`` is untouched; :meth:`discard` deletes the temporary file.
+    Every ``OSError`` names ``path`` (the temporary file is an implementation
+    detail), and on any failure the temporary file is gone.
     """
 
     def __init__(self, path: str) -> None:
         self.name = path
+        if os.path.isdir(path):  # else found only at the final rename
+            raise IsADirectoryError(
+                errno.EISDIR, f"cannot write {path}: it is a directory", path
+            )
         folder, base = os.path.split(os.path.abspath(path))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         while True:
@@ -60,24 +72,39 @@ class AtomicFile:
                 raise FileNotFoundError(
                     errno.ENOENT, f"cannot write {path}: its folder does not exist", folder
                 ) from None
+            except PermissionError as exc:
+                raise _naming(
+                    exc, path, f"no permission to create files in its folder {folder}"
+                ) from None
+            except OSError as exc:
+                raise _naming(exc, path) from exc
+        self._open = True
         self._done = False
 
     def write(self, buffers: list[Any]) -> None:
         fd = self._fd
-        for start in range(0, len(buffers), _IOV_MAX):
-            part = buffers[start:start + _IOV_MAX]
-            expected = sum(map(len, part))
-            written = os.writev(fd, part)
-            while written < expected:  # short writes are rare but legal
-                part = _remainder(part, written)
-                expected -= written
+        try:
+            for start in range(0, len(buffers), _IOV_MAX):
+                part = buffers[start:start + _IOV_MAX]
+                expected = sum(map(len, part))
                 written = os.writev(fd, part)
+                while written < expected:  # short writes are rare but legal
+                    part = _remainder(part, written)
+                    expected -= written
+                    written = os.writev(fd, part)
+        except OSError as exc:  # e.g. the disk is full
+            raise _naming(exc, self.name) from exc
 
     def commit(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+        try:
+            os.fsync(self._fd)
+            self._open = False
+            os.close(self._fd)
+            os.replace(self.temporary, self.name)
+        except OSError as exc:
+            self.discard()
+            raise _naming(exc, self.name) from exc
         self._done = True
-        os.replace(self.temporary, self.name)
         # Make the rename itself durable; not every platform can open a folder.
         with contextlib.suppress(OSError):
             folder = os.open(os.path.dirname(os.path.abspath(self.name)), os.O_RDONLY)
@@ -89,8 +116,10 @@ class AtomicFile:
     def discard(self) -> None:
         if not self._done:
             self._done = True
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            if self._open:
+                self._open = False
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temporary)
 
