@@ -19,7 +19,8 @@ from ._core._engine import Failure, StreamStats
 from ._core._keys import KeySequence
 from ._core._stream import BatchStream
 from ._core._subset import Subset
-from ._runner._side_runner import SideRunner
+from ._runner._prefetch import Prefetcher
+from ._runner._side_runner import RunHandle, SideRunner
 from ._store._pickled import PickledDataset
 from .exceptions import (
     CorruptFileError,
@@ -51,7 +52,9 @@ __all__ = [
     "MlworkflowAsyncError",
     "PickledDataset",
     "PickledFileError",
+    "Prefetcher",
     "ResumeError",
+    "RunHandle",
     "RunnerClosedError",
     "SideRunner",
     "StreamStats",

@@ -7,6 +7,7 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     ├── KeysNotReadyError (RuntimeError)
     ├── SyncInLoopError (RuntimeError)
     ├── RunnerClosedError (RuntimeError)
+    ├── UnsupportedBackendError (RuntimeError)
     ├── ItemCountError (RuntimeError)
     ├── TooManyFailuresError (RuntimeError)
     ├── ResumeError (ValueError)
@@ -45,6 +46,7 @@ __all__ = [
     "SyncInLoopError",
     "TooManyFailuresError",
     "UnpicklableItemError",
+    "UnsupportedBackendError",
     "UnsafePickleError",
     "UnsupportedVersionError",
 ]
@@ -67,6 +69,14 @@ class SyncInLoopError(MlworkflowAsyncError, RuntimeError):
 
     Blocking there would freeze the loop, so the blocking facades refuse.
     Use the async API (``await ...`` / ``async for ...``) instead.
+    """
+
+
+class UnsupportedBackendError(MlworkflowAsyncError, RuntimeError):
+    """An asyncio-only part of the library was used under another async backend.
+
+    ``SideRunner`` runs on asyncio: use it under ``asyncio.run(...)`` or
+    ``anyio.run(...)`` with its default asyncio backend, not under trio.
     """
 
 

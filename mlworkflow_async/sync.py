@@ -5,7 +5,9 @@ twin of :class:`mlworkflow_async.SideRunner`, and ``PickledDataset`` the twin
 of :class:`mlworkflow_async.PickledDataset` whose ``create`` blocks. All run the one async
 implementation on a shared background event-loop thread; they never
 reimplement it. Calling them from inside a running event loop raises
-:class:`~mlworkflow_async.exceptions.SyncInLoopError` instead of freezing it.
+:class:`~mlworkflow_async.exceptions.SyncInLoopError` instead of freezing it,
+except inside a Jupyter (IPython) kernel, or after
+:func:`allow_blocking_in_loop` for other hosts that run a loop around plain code.
 
 >>> from mlworkflow_async import DictDataset
 >>> ds = DictDataset({i: i * i for i in range(5)})
@@ -22,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from ._core._portal import ensure_blocking_allowed, get_portal
-from ._runner._blocking import SideRunner
+from ._core._portal import allow_blocking_in_loop, ensure_blocking_allowed, get_portal
+from ._runner._blocking import SideRunner, SyncPrefetcher
 from ._store import _pickled
 
 if TYPE_CHECKING:
@@ -32,7 +34,15 @@ if TYPE_CHECKING:
     from ._core._keys import KeySequence
     from ._core._stream import BatchStream
 
-__all__ = ["SyncView", "SyncKeys", "SyncBatches", "SideRunner", "PickledDataset"]
+__all__ = [
+    "SyncView",
+    "SyncKeys",
+    "SyncBatches",
+    "SideRunner",
+    "SyncPrefetcher",
+    "PickledDataset",
+    "allow_blocking_in_loop",
+]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import signal
 import threading
 import time
 
@@ -11,8 +12,8 @@ import anyio
 import anyio.from_thread
 import pytest
 
-from mlworkflow_async import SideRunner
-from mlworkflow_async._runner._side_runner import RunHandle
+import mlworkflow_async
+from mlworkflow_async import Prefetcher, RunHandle, SideRunner
 from mlworkflow_async.exceptions import RunnerClosedError
 
 from .conftest import wait_until
@@ -189,14 +190,18 @@ async def test_collect_runs_waits_for_the_others_then_raises_the_failures() -> N
         assert str(results[1]) == "kept"
 
 
-async def test_collect_runs_also_reports_do_failures() -> None:
-    async with SideRunner(1) as runner:
-        runner.do(fail, "from do")
-        runner.run_async(asyncio.sleep, 0)
-        with pytest.raises(ExceptionGroup) as info:
-            await runner.collect_runs()
-        assert [str(e) for e in info.value.exceptions] == ["from do"]
-    # reported once: leaving does not raise it again
+async def test_collect_runs_reports_only_its_runs_and_do_failures_come_when_leaving() -> None:
+    async def ok() -> str:
+        return "ok"
+
+    with pytest.raises(ValueError, match="from do"):
+        async with SideRunner(1) as runner:
+            runner.do(fail, "from do")
+            runner.run_async(ok)
+            assert await runner.collect_runs() == ["ok"]
+            runner.run_async(fail, "collected")
+            [exc] = await runner.collect_runs(return_exceptions=True)
+            assert str(exc) == "collected"
 
 
 async def test_uncollected_failure_is_raised_when_leaving_but_not_a_seen_one() -> None:
@@ -400,6 +405,23 @@ async def test_cancelling_the_task_that_waits_on_exit() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert started == [0]
+
+
+async def test_a_signal_caught_by_a_worker_thread_wakes_the_sleeping_loop() -> None:
+    # The operating system may hand Ctrl-C to any thread; Python runs the
+    # handler in the main thread, which sleeps in the loop meanwhile.
+    handled = threading.Event()
+
+    def in_thread() -> bool:
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # caught here
+        return handled.wait(10)  # set only if the main thread woke to run the handler
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.set())
+    try:
+        async with SideRunner(1) as runner:
+            assert await runner.run_async(in_thread)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # -- yield_async ----------------------------------------------------------
@@ -613,3 +635,27 @@ async def test_yield_async_with_nothing_in_advance_fetches_on_demand() -> None:
             await asyncio.sleep(0.001)
         assert produced == 2
         await stream.aclose()
+
+
+async def test_returned_objects_are_public_and_say_so() -> None:
+    assert {"RunHandle", "Prefetcher"} <= set(mlworkflow_async.__all__)
+
+    def numbers() -> object:
+        yield from range(3)
+
+    async with SideRunner(1) as runner:
+        handle = runner.run_async(abs, -1)
+        stream = runner.yield_async(numbers(), in_advance=2)
+        assert isinstance(handle, RunHandle)
+        assert isinstance(stream, Prefetcher)
+        assert await handle == 1
+        assert await anext(stream) == 0
+        await wait_until(lambda: "2 ready" in repr(stream))
+        assert repr(stream).startswith("<Prefetcher of ")
+        assert repr(stream).endswith(".numbers in_advance=2 2 ready>")
+        assert [x async for x in stream] == [1, 2]
+        assert repr(stream).endswith(".numbers in_advance=2 finished>")
+    assert repr(handle) == "<RunHandle abs done>"
+    for cls in (RunHandle, Prefetcher):
+        assert cls.__module__ == "mlworkflow_async"
+        assert "_runner" not in repr(cls)

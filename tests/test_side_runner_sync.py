@@ -85,13 +85,13 @@ def test_do_failure_is_raised_by_close() -> None:
         runner.collect_runs()
 
 
-def test_do_failure_is_raised_by_collect_runs() -> None:
-    with SideRunner(1) as runner:
-        runner.do(fail, "at collect")
-        runner.run_async(time.sleep, 0)
-        with pytest.raises(ExceptionGroup) as info:
-            runner.collect_runs()
-        assert [str(e) for e in info.value.exceptions] == ["at collect"]
+def test_collect_runs_reports_only_its_runs_and_do_failures_come_at_close() -> None:
+    runner = SideRunner(1)
+    runner.do(fail, "from do")
+    runner.run_async(pow, 2, 3)
+    assert runner.collect_runs() == [8]
+    with pytest.raises(ValueError, match="from do"):
+        runner.close()
 
 
 def test_collect_runs_groups_failures_after_waiting_for_the_others() -> None:
@@ -143,6 +143,33 @@ def test_error_in_the_with_block_cancels_queued_work() -> None:
         raise KeyError("stop")
     assert started == [0]
     assert all(f.cancelled() for f in futures[1:])
+
+
+def test_an_error_in_the_with_block_notes_the_runs_that_failed_meanwhile() -> None:
+    # The block's error is what the async runner's block is left with.
+    with pytest.raises(KeyError) as info, SideRunner(1) as runner:
+        failing = runner.run_async(fail, "meanwhile")
+        cf.wait([failing], timeout=5)  # done, but its outcome unread
+        raise KeyError("body")
+    assert any("meanwhile" in note for note in info.value.__notes__)
+
+
+def test_a_dropped_runner_closes_once_its_work_is_over() -> None:
+    gate = threading.Event()
+    runner = SideRunner(1)
+    future = runner.run_async(gate.wait, 5)
+    core = runner._core
+    del runner
+    gc.collect()
+    assert core.closed
+    assert core.exited is None  # its work is still going
+    gate.set()
+    assert future.result(timeout=5) is True
+    deadline = time.monotonic() + 10
+    while (core.exited is None or not core.exited.done()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert core.exited is not None
+    assert core.exited.done()
 
 
 def test_cancelling_a_future_before_it_starts() -> None:
@@ -260,6 +287,8 @@ def test_an_unclosed_runner_finishes_its_work_at_exit_and_reports_failures() -> 
         "done 1",
         "done 2",
         "done 3",
+        "done 4",
+        "done 5",
         "dropped runner's work ran",
     ]
     assert "ValueError: failure nobody collected" in done.stderr

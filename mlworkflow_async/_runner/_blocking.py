@@ -1,15 +1,18 @@
 """The blocking ``SideRunner`` for plain scripts, exposed as ``mlworkflow_async.sync.SideRunner``.
 
-It is a thin layer over the async :class:`mlworkflow_async.SideRunner`: one
-task on the shared background loop (``_portal``) holds the runner's
-``async with`` open until :meth:`SideRunner.close`, and every call is passed
-to that loop. Handing work over does not wait for the loop; calls that
-return something (``collect_runs``, iterating ``yield_async``) block.
+It is a thin layer over the async :class:`mlworkflow_async.SideRunner`: the
+shared background loop (``_portal``) holds the runner's ``async with`` open
+through anyio's ``BlockingPortal.wrap_async_context_manager``, from the
+runner's creation to :meth:`SideRunner.close`, and every call is passed to
+that loop. Handing work over does not wait for the loop; calls that return
+something (``collect_runs``, iterating ``yield_async``) block.
 
-Ctrl-C while blocked in a call, or an error in a ``with`` block, cancels the
-runner's work: queued calls never start. A runner never closed is closed at
-interpreter exit, waiting for its work, unless the program is dying of an
-uncaught exception (Ctrl-C included), in which case its work is cancelled.
+Ctrl-C while blocked in a call, or an error in a ``with`` block, leaves the
+async runner's block with that error, which cancels its work: queued calls
+never start. A runner dropped without ``close()`` is closed once its work is
+over, and one still open at interpreter exit is closed then, waiting for its
+work, unless the program is dying of an uncaught exception (Ctrl-C included),
+in which case its work is cancelled. Failures nobody saw are logged.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterat
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-import anyio
-from anyio.abc import TaskStatus
+import anyio.to_thread
 
 from .._core._callables import describe
 from .._core._portal import ensure_blocking_allowed, get_portal
@@ -86,42 +88,29 @@ class _RunFuture(cf.Future[Any]):
         if self.handle is not None and self.done():
             self.handle._mark_retrieved()
 
+    def __repr__(self) -> str:
+        return "<Future" + super().__repr__().removeprefix("<" + type(self).__name__)
+
 
 class _Core:
-    """The open async runner and its holder task; shared with the finalizer."""
+    """The open async runner and what hands it work; shared with the finalizer."""
 
     def __init__(self, runner: AsyncSideRunner) -> None:
         self.runner = runner
         self.portal = get_portal()
         self.lock = threading.Lock()
-        self.closed = False
+        self.closed = False  # no more work taken
+        self.exited: cf.Future[None] | None = None  # the async block's exit, once begun
         self.outcome_read = False
         self.pid = os.getpid()
         # Calls handed over from threads, taken by the loop in batches: one
         # wake-up of the loop per batch rather than per call.
         self.inbox: list[tuple[str, Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
-        self.future, started = self.portal.start_task(self._hold)
-        self.loop: asyncio.AbstractEventLoop = started[0]
-        self.stop: asyncio.Event = started[1]
-        self.scope: anyio.CancelScope = started[2]
+        self.block = self.portal.wrap_async_context_manager(runner)
+        self.block.__enter__()
+        self.loop: asyncio.AbstractEventLoop = self.portal.call(_running_loop)
         with _cores_lock:
             _cores.add(self)
-        self.future.add_done_callback(self._forget)
-
-    async def _hold(self, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.CancelScope() as scope:
-            async with self.runner:
-                stop = asyncio.Event()
-                task_status.started((asyncio.get_running_loop(), stop, scope))
-                await stop.wait()
-
-    def _forget(self, _: object) -> None:
-        with _cores_lock:
-            _cores.discard(self)
-
-    def _soon(self, fn: Callable[[], object]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone already
-            self.loop.call_soon_threadsafe(fn)
 
     def check_process(self, what: str) -> None:
         if self.in_forked_child():
@@ -176,43 +165,67 @@ class _Core:
         future: cf.Future[Any] = self.portal.start_task_soon(fn, *args)
         try:
             return _wait_for(future)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             future.cancel()
-            self.abort()
+            self.abort(exc)
             raise
 
     def in_forked_child(self) -> bool:
         """True in a process forked from the one that made the runner."""
         return self.pid != os.getpid()
 
+    def _exit(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Leave the async runner's block once; later callers wait for that exit."""
+        with self.lock:
+            self.closed = True
+            first = self.exited is None
+            if first:
+                self.exited = cf.Future()
+            exited = self.exited
+        assert exited is not None
+        if first:
+            try:
+                self.block.__exit__(et, exc, tb)
+            except BaseException as failure:
+                exited.set_exception(failure)
+            else:
+                exited.set_result(None)
+            finally:
+                with _cores_lock:
+                    _cores.discard(self)
+        _wait_for(exited)
+
+    def _claim_outcome(self) -> bool:
+        """True for the one caller that is to report the runs' failures."""
+        with self.lock:
+            first, self.outcome_read = not self.outcome_read, True
+        return first
+
     def close(self) -> None:
         if self.in_forked_child():
             return  # the work belongs to the parent process
         with self.lock:
-            first = not self.closed
             self.closed = True
-        if first:
-            self._soon(self.stop.set)
         try:
-            _wait_for(self.future)
+            # Waited for here, where Ctrl-C can interrupt the wait, so that
+            # leaving the block afterwards is quick.
+            self.call(self.runner._wait_idle)
+            self._exit(None, None, None)
         except KeyboardInterrupt:
-            self.abort()
             raise
         except BaseException:
-            if not self.outcome_read:
-                self.outcome_read = True
+            if self._claim_outcome():
                 raise
 
-    def abort(self) -> None:
-        """Cancel all work and wait until it is over; drop run failures."""
+    def abort(self, exc: BaseException) -> None:
+        """Leave the block with ``exc``, which cancels all work; drop run failures."""
         if self.in_forked_child():
             return
-        with self.lock:
-            self.closed = True
         self.outcome_read = True
-        self._soon(self.scope.cancel)
         with contextlib.suppress(Exception):
-            _wait_for(self.future)
+            self._exit(type(exc), exc, exc.__traceback__)
 
     def release(self) -> None:
         """Close without waiting: the runner was dropped without ``close()``."""
@@ -222,16 +235,26 @@ class _Core:
             if self.closed:
                 return
             self.closed = True
-        self._soon(self.stop.set)
-        self.future.add_done_callback(self._report_unread)
+        with contextlib.suppress(RuntimeError):  # the portal is gone at exit
+            self.portal.start_task_soon(self._close_when_idle)
 
-    def _report_unread(self, future: cf.Future[Any]) -> None:
-        if self.outcome_read or future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self.outcome_read = True
-            _log.error("runs of a SideRunner that was never closed failed", exc_info=exc)
+    async def _close_when_idle(self) -> None:
+        await self.runner._wait_idle()
+        # Leaving the block blocks its caller, briefly now; at exit, where
+        # Python 3.12 starts no thread, the exit hook closes the runner instead.
+        with contextlib.suppress(RuntimeError):
+            await anyio.to_thread.run_sync(self._close_and_log)
+
+    def _close_and_log(self) -> None:
+        try:
+            self._exit(None, None, None)
+        except BaseException as exc:
+            if self._claim_outcome():
+                _log.error("runs of a SideRunner that was never closed failed", exc_info=exc)
+
+
+async def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
 
 
 _cores_lock = threading.Lock()
@@ -240,13 +263,13 @@ _cores: set[_Core] = set()
 
 def _close_all_at_exit() -> None:
     # Registered after the portal's own exit hook, so it runs before it.
-    dying = getattr(sys, "last_value", None) is not None
+    dying = getattr(sys, "last_value", None)
     with _cores_lock:
         cores = list(_cores)
     for core in cores:
         try:
-            if dying:
-                core.abort()
+            if dying is not None:
+                core.abort(dying)
             else:
                 core.close()
         except Exception as exc:
@@ -272,10 +295,15 @@ class SyncPrefetcher(Iterator[T], Generic[T]):
     source; so does dropping the iterator.
     """
 
+    __module__ = "mlworkflow_async.sync"  # public: exported there
+
     def __init__(self, prefetcher: Prefetcher[T], core: _Core) -> None:
         self._prefetcher = prefetcher
         self._core = core
         self._done = False
+
+    def __repr__(self) -> str:
+        return f"<blocking {repr(self._prefetcher).removeprefix('<')}"
 
     def __iter__(self) -> SyncPrefetcher[T]:
         return self
@@ -315,7 +343,7 @@ class SideRunner:
     Same calls, no ``await``: ``run_async`` returns a
     :class:`concurrent.futures.Future`, ``collect_runs()`` the list of
     results, ``yield_async`` a plain iterator; ``do`` forgets its run, whose
-    error is raised by ``collect_runs()`` or ``close()``. Use it in a
+    error is raised by ``close()``. Use it in a
     ``with`` block, or call :meth:`close` (otherwise it is closed at exit).
 
     >>> from mlworkflow_async.sync import SideRunner
@@ -399,10 +427,10 @@ class SideRunner:
     def __exit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if et is None:
+        if exc is None:
             self.close()
         else:
-            self._core.abort()
+            self._core.abort(exc)
 
     def __repr__(self) -> str:
         state = "closed" if self._core.closed else "open"

@@ -178,16 +178,28 @@ class Prefetcher(AsyncIterator[T], Generic[T]):
     ``await prefetcher.aclose()`` and ``async with``.
     """
 
+    __module__ = "mlworkflow_async"  # public: exported there
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         channel: _Channel,
         task: asyncio.Task[None],
+        name: str,
     ) -> None:
         self._loop = loop
         self._channel = channel
         self._task = task
+        self._name = name
         self._done = False
+
+    def __repr__(self) -> str:
+        channel = self._channel
+        if self._done or (channel.finished and not channel.buffer):
+            state = "finished"
+        else:
+            state = f"{len(channel.buffer)} ready"
+        return f"<Prefetcher of {self._name} in_advance={channel.in_advance} {state}>"
 
     def __aiter__(self) -> Prefetcher[T]:
         return self

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import functools
 import inspect
 import reprlib
+import threading
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator, Iterable
 from types import TracebackType
@@ -40,7 +40,9 @@ import anyio
 import anyio.to_thread
 
 from .._core._callables import describe, is_async_callable
-from ..exceptions import RunnerClosedError
+from .._core._portal import running_loop_library
+from ..exceptions import RunnerClosedError, UnsupportedBackendError
+from . import _wakeup
 from ._prefetch import Prefetcher, _Channel, _stop, check_source, produce
 
 __all__ = ["SideRunner", "RunHandle"]
@@ -52,6 +54,7 @@ _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = range(5)
 _NO_KWARGS: dict[str, Any] = {}
 # Runs that finish without suspending would otherwise starve the loop.
 _YIELD_EVERY = 64
+_THREAD_RETRY_SECONDS = 0.002
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -74,6 +77,7 @@ class RunHandle(Generic[T]):
     cancelled run raises :class:`concurrent.futures.CancelledError`.
     """
 
+    __module__ = "mlworkflow_async"  # public: exported there
     __slots__ = (
         "_args",
         "_detached",
@@ -200,6 +204,7 @@ class _Session:
         "pending",
         "producers",
         "queue",
+        "wakeup",
         "workers",
     )
 
@@ -215,6 +220,7 @@ class _Session:
         # Our own limiter: anyio's default one is shared by the whole program.
         self.limiter = anyio.CapacityLimiter(pool_size)
         self.cancelled = False
+        self.wakeup = _wakeup.hold(loop)  # so that Ctrl-C reaches a sleeping loop
 
     def forget_worker(self, task: asyncio.Task[None]) -> None:
         self.workers.pop(task, None)
@@ -335,7 +341,15 @@ class SideRunner:
                 "this SideRunner is already open; leave its `async with` block before "
                 "entering it again, or make another runner"
             )
-        self._session = _Session(asyncio.get_running_loop(), self.pool_size)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise UnsupportedBackendError(
+                f"SideRunner needs asyncio, but it was entered under "
+                f"{running_loop_library() or 'another event loop'}; run the program with "
+                f"asyncio.run(main()) or anyio.run(main) (asyncio is anyio's default backend)"
+            ) from None
+        self._session = _Session(loop, self.pool_size)
         return self
 
     async def __aexit__(
@@ -356,6 +370,8 @@ class SideRunner:
                 await self._cancel(session)
         finally:
             self._session = None
+            if session.wakeup:
+                _wakeup.release()
         failures = session.unreported_failures()
         if not failures:
             return
@@ -366,6 +382,12 @@ class SideRunner:
                 f"meanwhile {len(failures)} SideRunner run(s) failed: "
                 + "; ".join(repr(f) for f in failures[:5])
             )
+
+    async def _wait_idle(self) -> None:
+        """Wait until no work is queued or going (for the blocking twin's close)."""
+        session = self._session
+        if session is not None:
+            await session.wait_idle()
 
     async def _cancel(self, session: _Session) -> None:
         session.cancelled = True
@@ -459,9 +481,10 @@ class SideRunner:
         """Wait for every pending run; return their results in submission order.
 
         The pending list is then empty. If runs failed, the others are still
-        waited for, then an ``ExceptionGroup`` of the failures is raised (it
-        also holds failures of :meth:`do` runs seen so far). With
-        ``return_exceptions=True`` the exceptions take the place of results.
+        waited for, then an ``ExceptionGroup`` of their failures is raised.
+        With ``return_exceptions=True`` the exceptions take the place of
+        results. Only the runs of :meth:`run_async` are collected: a failed
+        :meth:`do` run is raised when the runner's block is left.
         """
         session = self._open_session("collect_runs")
         runs, session.pending = session.pending, []
@@ -482,9 +505,6 @@ class SideRunner:
                 results.append(exc)
         if return_exceptions:
             return results
-        if session.failures:
-            failures += session.failures
-            session.failures = []
         if failures:
             raise BaseExceptionGroup(f"{len(failures)} of {len(runs)} runs failed", failures)
         return results
@@ -510,7 +530,7 @@ class SideRunner:
         task = session.loop.create_task(produce(channel, gen))
         session.producers[task] = channel
         task.add_done_callback(session.forget_producer)
-        return Prefetcher(session.loop, channel, task)
+        return Prefetcher(session.loop, channel, task, describe(gen))
 
     # -- the workers ------------------------------------------------------
 
@@ -559,11 +579,7 @@ class SideRunner:
         executor = self.executor
         if executor is not None:
             return await _in_executor(executor, fn, args, kwargs)
-        if kwargs:
-            call = functools.partial(fn, *args, **kwargs)
-            result = await anyio.to_thread.run_sync(call, limiter=session.limiter)
-        else:
-            result = await anyio.to_thread.run_sync(fn, *args, limiter=session.limiter)
+        result = await _in_thread(fn, args, kwargs, session.limiter)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -576,6 +592,41 @@ class SideRunner:
             f"<SideRunner pool_size={self.pool_size} running={session.active} "
             f"queued={len(session.queue)} pending={len(session.pending)}>"
         )
+
+
+async def _in_thread(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limiter: anyio.CapacityLimiter,
+) -> Any:
+    """``fn(*args, **kwargs)`` in a worker thread.
+
+    Once the interpreter is shutting down, Python 3.12 refuses to start
+    threads, even in exit hooks: the run then waits for a worker thread that
+    exists already (the blocking runners' loop always keeps one), so that
+    work handed over just before exit still runs to its end.
+    """
+    started = False
+
+    def call() -> Any:
+        nonlocal started
+        started = True
+        return fn(*args, **kwargs)
+
+    while True:
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=limiter)
+        except RuntimeError as exc:
+            if started or not _threads_refused(exc):
+                raise
+        await anyio.sleep(_THREAD_RETRY_SECONDS)
+
+
+def _threads_refused(exc: RuntimeError) -> bool:
+    return "interpreter shutdown" in str(exc) and any(
+        t.name == "AnyIO worker thread" for t in threading.enumerate()
+    )
 
 
 async def _in_executor(

@@ -12,7 +12,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -179,7 +179,8 @@ class ItemPickler(pickle.Pickler):
             spelled = _simple_dtype(obj.dtype)
             if spelled is not None:
                 try:
-                    buffer = pickle.PickleBuffer(obj)  # type: ignore[arg-type]
+                    # Older numpy stubs do not type arrays as buffers.
+                    buffer = pickle.PickleBuffer(cast(Any, obj))
                 except (BufferError, ValueError, TypeError):  # e.g. datetime64
                     _DTYPE_SPELLING[obj.dtype] = None
                     return NotImplemented
@@ -395,7 +396,7 @@ def _entries_from_index(index: Any, data_end: int, path: str) -> Layout:
     offsets, spans, plens, counts = (table[:, i].astype(np.int64) for i in range(4))
     if n and (
         (table[:, 3] > len(rows)).any()
-        or offsets.min() < HEADER_SIZE
+        or np.min(offsets) < HEADER_SIZE
         or (table[:, 0] > data_end).any()
         or (table[:, 1] > data_end).any()
         or (offsets + spans > data_end).any()

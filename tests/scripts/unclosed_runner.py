@@ -16,8 +16,8 @@ def fail():
     raise ValueError("failure nobody collected")
 
 
-runner = SideRunner(2)
-for i in range(4):
+runner = SideRunner(3)
+for i in range(6):
     runner.do(slow, i)
 runner.do(fail)
 
