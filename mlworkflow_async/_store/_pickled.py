@@ -99,6 +99,14 @@ class PickledDataset(Dataset[Any, Any]):
 
     An open PickledDataset can be pickled to another process, which
     reopens the file by path, and keeps working in a forked child.
+
+    ``path`` may also be an ``http(s)://`` or fsspec URL (the ``remote``
+    extra): items are fetched by byte-range requests, grouped per batch,
+    with retries, and ``cache_dir=`` keeps what was fetched on local disk.
+    The other keywords (``gap``, ``max_requests``, ``retries``, ``backoff``,
+    ``timeout``, ``tail``, ``cache_size``, ``cache_block``, ``headers``,
+    ``storage_options``) are those of
+    :class:`~mlworkflow_async._store._remote.RemoteOptions`.
     """
 
     batched_queries = True
