@@ -23,6 +23,7 @@ WORKLOADS = [
     "w4_pickled_create",
     "w5_loop_lag",
     "w6_side_runner",
+    "w7_format2",
     "w_remote",
 ]
 

@@ -118,14 +118,16 @@ def leftovers(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
 
 
-def write_file(path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None) -> None:
-    """Write ``items`` (and ``context``) in this library's format."""
+def write_file(
+    path: Any, items: dict[Any, Any], context: dict[str, Any] | None = None, version: int = 2
+) -> None:
+    """Write ``items`` (and ``context``) in this library's format (``version`` 1 or 2)."""
     from mlworkflow_async import DictDataset
 
     source = DictDataset(items)
     if context is not None:
         source.context = context  # type: ignore[attr-defined]
-    asyncio.run(PickledDataset.create(source, path))
+    asyncio.run(PickledDataset.create(source, path, format_version=version))
 
 
 def write_original_file(

@@ -36,7 +36,7 @@ def legacy_file(tmp_path: Path) -> Path:
 def test_info(new_file: Path, legacy_file: Path, capsys: Any) -> None:
     assert main(["info", str(new_file)]) == 0
     out = capsys.readouterr().out
-    assert "format version 1" in out
+    assert "format version 2" in out
     assert "items:   20" in out
     assert f"{new_file.stat().st_size:,} bytes" in out
     assert "'item0', 'item1', 'item2', 'item3', 'item4', ... (15 more)" in out
@@ -84,7 +84,7 @@ def test_convert_a_legacy_file_in_a_real_process(legacy_file: Path, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert "converted 20 items" in result.stdout
     with PickledDataset(converted) as ds:
-        assert ds.format_version == 1
+        assert ds.format_version == 2
         assert ds.context == {"from": "mlworkflow 0.6"}
         keys = list(ITEMS)
         for key, item in zip(keys, ds.sync.query_items(keys), strict=True):

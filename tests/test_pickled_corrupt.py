@@ -33,7 +33,7 @@ ITEMS = {f"k{i}": {"v": np.arange(i, dtype=np.int16), "s": "x" * i} for i in ran
 @pytest.fixture
 def good_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.pkl"
-    write_file(path, ITEMS, {"note": "ctx"})
+    write_file(path, ITEMS, {"note": "ctx"}, version=1)
     return path
 
 
@@ -272,7 +272,9 @@ def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.M
     import vanishing_keys  # type: ignore[import-not-found]
 
     path = tmp_path / "ids.pkl"
-    write_file(path, {vanishing_keys.Id(1): "one"})
+    write_file(path, {vanishing_keys.Id(1): "one"}, version=1)
+    lazy = tmp_path / "ids2.pkl"
+    write_file(lazy, {vanishing_keys.Id(1): "one"})
     monkeypatch.delitem(sys.modules, "vanishing_keys")
     sys.path.remove(str(tmp_path))  # as in a process that never had it
     with pytest.raises(KeyClassNotFoundError, match=r"ids\.pkl need the module "
@@ -280,6 +282,11 @@ def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.M
         PickledDataset(path)
     assert info.value.path == str(path)
     assert not isinstance(info.value, CorruptFileError)
+    # Format 2 opens without unpickling keys: the same error comes when they are read.
+    with PickledDataset(lazy) as opened, pytest.raises(
+        KeyClassNotFoundError, match=r"ids2\.pkl need the module 'vanishing_keys'"
+    ):
+        opened.sync.keys.all()
     # Safe mode imports nothing: the class must be allowed, and then it is at hand.
     with PickledDataset(path, safe=True, allow=[vanishing_keys.Id]) as ds:
         assert list(ds.yield_keys()) == [vanishing_keys.Id(1)]
@@ -287,7 +294,7 @@ def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.M
 
 def test_key_class_missing_from_its_module(tmp_path: Path) -> None:
     path = tmp_path / "ids.pkl"
-    write_file(path, {"a": 1})
+    write_file(path, {"a": 1}, version=1)
 
     def renamed(index: dict[str, Any]) -> None:
         index["keys"] = [Key("a", 1)]

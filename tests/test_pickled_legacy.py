@@ -62,7 +62,7 @@ async def test_convert_an_original_file(tmp_path: Path) -> None:
     with PickledDataset(old) as source:
         assert await PickledDataset.create(source, new) == len(ITEMS)
     async with await PickledDataset.open(new) as ds:
-        assert ds.format_version == 1
+        assert ds.format_version == 2
         assert ds.context == {"origin": "0.6"}
         keys = list(ITEMS)
         for key, item in zip(keys, await ds.query_items(keys), strict=True):

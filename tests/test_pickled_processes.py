@@ -52,7 +52,7 @@ async def test_pickling_keeps_the_options(dataset_file: Path) -> None:
         copy = pickle.loads(pickle.dumps(ds))
     with copy:
         assert copy.path == str(dataset_file)
-        assert copy._options == {"mmap": True, "safe": True, "allow": (Key,)}
+        assert copy._options == {"mmap": True, "safe": True, "allow": (Key,), "verify": "all"}
         big = await copy.query_item(Key("big", 0))
         assert not big["x"].flags.writeable  # a view of the map, as in the original
         assert_same(ITEMS[Key("k", 3)], await copy.query_item(Key("k", 3)))

@@ -21,6 +21,7 @@ from mlworkflow_async import (
     UnpicklableItemError,
     UnsupportedVersionError,
 )
+from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format import HEADER_SIZE, MAGIC, TRAILER_SIZE
 
 from ._pickled_util import Key, Point, assert_same, leftovers, small_items
@@ -83,7 +84,7 @@ async def test_keys_len_and_context_are_known_as_soon_as_open(tmp_path: Any) -> 
     assert ds.keys.complete
     assert ds.keys.known == tuple(source.dic)
     assert ds.context == {"split": "train", "mean": 0.5}
-    assert ds.format_version == 1
+    assert ds.format_version == 2
     assert ds.path == str(path)
     assert ds.file_size == (await anyio.Path(path).stat()).st_size
     ds.close()
@@ -100,7 +101,7 @@ async def test_file_layout_header_trailer_and_aligned_buffers(tmp_path: Any) -> 
         "none": [1, 2, 3],
     }
     path = tmp_path / "layout.pkl"
-    await PickledDataset.create(DictDataset(items), path)
+    await PickledDataset.create(DictDataset(items), path, format_version=1)
     data = path.read_bytes()
     assert data[:8] == MAGIC
     assert struct.unpack_from("<I", data, 8)[0] == 1
@@ -160,7 +161,7 @@ async def test_mmap_arrays_are_read_only_views_of_the_file(tmp_path: Any) -> Non
         "grid": np.arange(24.0).reshape(2, 3, 4),
     }
     path = tmp_path / "map.pkl"
-    await PickledDataset.create(DictDataset(items), path)
+    await PickledDataset.create(DictDataset(items), path, format_version=1)
     ds = PickledDataset(path, mmap=True)
     the_map = ds._reader._handle.map
     assert isinstance(the_map, mmap.mmap)
@@ -333,7 +334,11 @@ async def test_newer_version_is_refused(tmp_path: Any) -> None:
     path = tmp_path / "future.pkl"
     await PickledDataset.create(DictDataset({"a": 1}), path)
     data = bytearray(path.read_bytes())
-    struct.pack_into("<I", data, 8, 2)
+    struct.pack_into("<I", data, 8, 3)
+    algorithm = struct.unpack_from("<I", data, 16)[0]
+    csum = checksum_function(algorithm)
+    assert csum is not None
+    struct.pack_into("<I", data, 60, csum(bytes(data[:60])))  # a sound header, from the future
     path.write_bytes(bytes(data))
     with pytest.raises(UnsupportedVersionError, match="written by a newer version") as info:
         PickledDataset(path)

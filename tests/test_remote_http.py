@@ -36,6 +36,7 @@ N = 600
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("served")
     write_file(root / "small.pkl", small_items(N), context={"about": "small"})
+    write_file(root / "small1.pkl", small_items(N), context={"about": "small"}, version=1)
     big = {i: {"a": np.full(300_000, i, dtype=np.float64), "i": i} for i in range(6)}
     write_file(root / "arrays.pkl", big)
     write_file(root / "points.pkl", {"p": Point(1.0, 2.0)})
@@ -64,10 +65,10 @@ async def test_keys_items_context_and_batches_match_the_local_file(
     expected = small_items(N)
     with PickledDataset(folder / "small.pkl") as local:
         async with await PickledDataset.open(server.url("small.pkl")) as ds:
-            assert ds.yield_keys() == local.yield_keys()
+            assert list(ds.yield_keys()) == list(local.yield_keys())
             assert ds.context == {"about": "small"}
             assert ds.file_size == local.file_size
-            assert ds.format_version == 1
+            assert ds.format_version == 2
             assert ds.path == server.url("small.pkl")
             assert_same(await ds.query_item(Key("k", 7)), expected[Key("k", 7)])
             keys = list(expected)
@@ -77,6 +78,28 @@ async def test_keys_items_context_and_batches_match_the_local_file(
                 seen += batch_keys
                 assert_same(batch["y"], np.array([k.index for k in batch_keys]))
             assert seen == keys
+
+
+async def test_format_1_files_are_read_too(server: RangeServer) -> None:
+    expected = small_items(N)
+    async with await PickledDataset.open(server.url("small1.pkl")) as ds:
+        assert ds.format_version == 1
+        assert ds.context == {"about": "small"}
+        keys = [Key("k", i) for i in range(0, N, 7)]
+        for key, item in zip(keys, await ds.query_items(keys), strict=True):
+            assert_same(item, expected[key])
+
+
+async def test_a_damaged_item_fails_its_checksum(server: RangeServer, folder: Path) -> None:
+    data = bytearray((folder / "small.pkl").read_bytes())
+    async with await PickledDataset.open(server.url("small.pkl")) as ds:
+        offset, span = ds._index.locate(Key("k", 3))[:2]
+    data[offset + span // 2] ^= 0x10
+    (folder / "flipped.pkl").write_bytes(bytes(data))
+    async with await PickledDataset.open(server.url("flipped.pkl")) as ds:
+        with pytest.raises(CorruptFileError, match=r"index=3\) is damaged \(checksum mismatch\)"):
+            await ds.query_item(Key("k", 3))
+        assert (await ds.query_item(Key("k", 4)))["y"] == 4
 
 
 async def test_opening_a_file_whose_index_fits_in_the_last_bytes_is_one_request(

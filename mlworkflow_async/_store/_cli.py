@@ -41,7 +41,8 @@ def add_file_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     info.set_defaults(run=_info)
 
     verify = subparsers.add_parser(
-        "verify", help="read every item of a PickledDataset file; exit 1 at the first broken one"
+        "verify", help="read every item of a PickledDataset file, checking every byte of a "
+        "format 2 file against its checksums; exit 1 at the first broken one"
     )
     verify.add_argument("file")
     _safe_flag(verify)
@@ -74,7 +75,19 @@ def _describe_format(version: int, short: bool = False) -> str:
         if short:
             return "the original mlworkflow format"
         return "original mlworkflow (legacy; `convert` rewrites it in the current format)"
+    if version == 1:
+        return "mlworkflow-async, format version 1 (`convert` rewrites it in format 2)"
     return f"mlworkflow-async, format version {version}"
+
+
+def _describe_checks(ds: Any) -> str:
+    from ._checksum import NAMES
+
+    index = ds._index
+    footer = getattr(index, "footer", None)
+    if footer is None:
+        return "none (only the index of format 1; `convert` adds checksums of every byte)"
+    return f"{NAMES[footer.algorithm]} of every item, of the index and of the header"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -87,6 +100,7 @@ def _info(args: argparse.Namespace) -> int:
         more = f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
         print(f"file:    {ds.path}")
         print(f"format:  {_describe_format(ds.format_version)}")
+        print(f"checks:  {_describe_checks(ds)}")
         print(f"items:   {len(keys)}")
         print(f"size:    {ds.file_size:,} bytes")
         print(f"keys:    {shown}{more}")
@@ -115,10 +129,20 @@ def _verify(args: argparse.Namespace) -> int:
     if ds is None:
         return 1
     with ds:
+        check_all = getattr(ds._index, "check_all", None)
+        if check_all is not None:  # format 2: every block of the index, then every item
+            from ..exceptions import PickledFileError
+
+            try:
+                check_all()
+                ds.yield_keys()
+            except PickledFileError as damaged:
+                print(f"BROKEN: the index: {damaged}")
+                return 1
         broken = asyncio.run(_first_broken(ds))
         if broken is not None:
-            key, exc = broken
-            print(f"BROKEN: item {key!r}: {exc}")
+            key, error = broken
+            print(f"BROKEN: item {key!r}: {error}")
             return 1
         print(f"OK: all {len(ds)} items of {ds.path} are readable")
     return 0

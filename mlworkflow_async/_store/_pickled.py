@@ -1,31 +1,39 @@
 """A dataset stored in one indexed file: written atomically, read fast without blocking.
 
 :class:`PickledDataset` writes every item of a dataset into a single file and
-reads them back by key. It also reads the files of the original
-``mlworkflow`` library (see :mod:`mlworkflow_async._store._legacy`).
+reads them back by key. It also reads the files of format 1 and those of
+the original ``mlworkflow`` library (see :mod:`mlworkflow_async._store._legacy`);
+``python -m mlworkflow_async convert`` rewrites either in format 2.
 
-File format (version 1)
------------------------
-All integers are little-endian.
+File format (version 2, written by default)
+-------------------------------------------
+All integers are little-endian; every byte is covered by a CRC-32C
+(zlib's CRC-32 where the ``crc32c`` package is missing), so a flipped bit
+anywhere raises :class:`~mlworkflow_async.exceptions.CorruptFileError`.
+The full description, field by field, is in
+:mod:`mlworkflow_async._store._format2`; in short:
 
-- Header, 64 bytes: the magic ``b"\\x89MLWDS\\r\\n"``, the format version
-  (u32, currently 1), flags (u32, 0), then zeros. A reader refuses a version
-  newer than its own.
-- Items, one after the other in key order, from offset 64. Each is a
-  pickle (protocol 5) whose numpy arrays are *out-of-band*: their raw bytes
-  follow the pickle, each starting on a 64-byte boundary (4096 bytes for
-  buffers of 1 MiB or more), padded with zeros. An item without such
-  buffers is just its pickle, unpadded.
-- Index: a pickle (protocol 5) of a dict with ``"keys"`` (the list of keys,
-  in file order), ``"table"`` (u64 ``offset, span, pickle_length,
-  buffer_count`` per key: the item occupies ``[offset, offset + span)``),
-  ``"buffers"`` (u64 ``start, stop`` per out-of-band buffer, relative to its
-  item's offset, items in order) and ``"context"`` (a dict of metadata, or
-  ``None``).
-- Trailer, the last 32 bytes: the index offset (u64) and length (u64), the
-  CRC-32 of the index (u32), 4 zero bytes, and the end magic ``b"MLWDSEND"``.
+- Header, 64 bytes: magic ``b"\\x89MLWDS\\r\\n"``, version (u32, 2), flags
+  (u32), checksum algorithm (u32), zeros, and the header's own checksum.
+- Items from offset 64, back to back, each a protocol 5 pickle followed by
+  its out-of-band numpy buffers (8-byte aligned; 4096 for 1 MiB or more).
+- Index region: a 16-byte entry per item (offset, tag and pickle length,
+  checksum of the item's whole span), key offsets, an open-addressing hash
+  table of the keys' pickled bytes with one fingerprint byte per slot, rows
+  for items with several buffers, the keys' pickles, the context, and a
+  checksum of every 4096-byte block of the region.
+- Footer, the last 80 bytes: counts and lengths of the parts, the checksum
+  of the block checksums, its own checksum, and ``b"MLWDSEND"``.
 
-A file missing its trailer was not finished. Files written to a path are
+Opening reads the header and footer and maps the index region: nothing is
+built per key, whatever the number of items. Keys are found by their
+pickle; the list of keys is unpickled only when asked for.
+
+Format 1 (``create(..., format_version=1)``) has the same header without
+checksum, the same items with 64-byte alignment, and a pickled index (keys,
+a table of offsets, the context) checked by a CRC-32 in a 32-byte trailer.
+
+A file missing its footer was not finished. Files written to a path are
 written to a temporary file in the same folder first and renamed into place
 once complete and synced to disk, so a reader never sees a partial file.
 """
@@ -34,18 +42,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence, Sized
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence, Sized
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
 import anyio
 import anyio.to_thread
 
+from .._core._collate import DEFAULT_COLLATE, collate_batch
 from .._core._dataset import Dataset
 from .._core._keys import KeySequence
-from ._format import Encoder, header
+from ..exceptions import CorruptFileError, UnsupportedVersionError
+from ._format import HEADER_SIZE, MAGIC, Encoder, header
+from ._format2 import VERSION2, Encoder2, header2, header_intact
+from ._index2 import Index2, MemoryIndex
 from ._reads import FileReader
+from ._reads2 import Reader2
 from ._remote import is_url
+from ._safe_unpickler import allowed_names
 from ._source_reader import SourceReader, open_blocking
 from ._writes import AtomicFile, FileObject, Sink
 
@@ -70,18 +84,26 @@ class PickledDataset(Dataset[Any, Any]):
     5 {'x': array([9, 9, 9])}
 
     In async code, open it with ``await PickledDataset.open(path)`` (and
-    ``async with``), which does not block the event loop. Keys, ``len()``
-    and :attr:`context` are known as soon as the file is open. Reads never
+    ``async with``), which does not block the event loop. ``len()`` and
+    :attr:`context` are known as soon as the file is open; the keys are
+    unpickled when first asked for. A key is found by its pickle: ``3``,
+    ``np.int64(3)`` and ``("a", 1)`` find what was stored under them, but
+    ``3.0`` does not find ``3``. Reads never
     block the loop: items already in the page cache are read directly,
     others in one worker thread call per batch; ``batched_queries`` is True
     so :meth:`batches` reads whole batches at once. Any number of reads may
     run concurrently.
 
-    With ``mmap=True`` arrays are read-only views of a memory map of the
-    file (no copy); pages of small arrays are read when first touched. By
-    default arrays are writable; those of 1 MiB or more are private
-    copy-on-write maps of the file rather than copies, handed out once
-    their pages are in memory (checked, or read in by a worker thread).
+    Every item is checked against its checksum as it is read (format 2).
+    Arrays of 1 MiB or more are maps of the file, not copies: by default
+    private copy-on-write maps (writable); with ``mmap=True`` read-only
+    views of one map of the file (smaller arrays are then copies, checked
+    like the rest). They are handed out once their pages are in memory,
+    read in by a worker thread if needed. ``verify="all"`` (the default)
+    hashes a mapped array in that thread the first time its item is read;
+    ``verify="copied"`` skips that (saving a pass over the array's bytes) and
+    checks everything else. ``python -m mlworkflow_async verify`` checks
+    every byte.
     Never modify a file in place while it is open: :meth:`create` replaces
     files atomically, which is safe.
 
@@ -111,6 +133,7 @@ class PickledDataset(Dataset[Any, Any]):
 
     batched_queries = True
     _reader: FileReader | SourceReader
+    _index: Index2 | MemoryIndex
     _options: dict[str, Any]
 
     def __init__(
@@ -120,12 +143,14 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
         cache_dir: str | os.PathLike[str] | None = None,
         **remote: Any,
     ) -> None:
         if is_url(path):
             self._options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
             self._reader = open_blocking(path, **remote)
+            self._index = self._reader.index
             return
         _local_only(path, cache_dir, remote)
         if not isinstance(path, (str, os.PathLike)):
@@ -133,10 +158,34 @@ class PickledDataset(Dataset[Any, Any]):
                 f"PickledDataset opens a file by its path (str or os.PathLike), got {path!r}"
             )
         allowed = tuple(allow)
-        self._options = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed}
-        self._reader = FileReader(
-            os.fspath(path), use_mmap=bool(mmap), safe=bool(safe), allow=allowed
-        )
+        self._options: dict[str, Any] = {
+            "mmap": bool(mmap), "safe": bool(safe), "allow": allowed, "verify": verify,
+        }
+        path = os.fspath(path)
+        if safe:
+            allowed_names(allowed)  # refuse a bad allow list before touching the file
+        version = _format_of(path)
+        if version is not None and version > VERSION2:
+            if not header_intact(path):
+                raise CorruptFileError(
+                    f"{path} is not a readable PickledDataset file: its header is damaged "
+                    f"(checksum mismatch)", path
+                )
+            raise UnsupportedVersionError(
+                f"{path} was written by a newer version of mlworkflow-async (file format "
+                f"{version}; this version reads formats up to {VERSION2}): upgrade the library",
+                path,
+            )
+        if version == VERSION2:
+            self._reader = Reader2(
+                path, use_mmap=bool(mmap), safe=bool(safe), allow=allowed, verify=verify
+            )
+            self._index = self._reader.index
+        else:
+            if verify not in ("all", "copied"):
+                raise ValueError(f"verify must be 'all' or 'copied', got {verify!r}")
+            self._reader = FileReader(path, use_mmap=bool(mmap), safe=bool(safe), allow=allowed)
+            self._index = MemoryIndex(self._reader.layout)
 
     @classmethod
     async def open(
@@ -146,10 +195,11 @@ class PickledDataset(Dataset[Any, Any]):
         mmap: bool = False,
         safe: bool = False,
         allow: Iterable[object] = (),
+        verify: str = "all",
         cache_dir: str | os.PathLike[str] | None = None,
         **remote: Any,
     ) -> PickledDataset:
-        """Open ``path`` like the constructor, reading its index in a worker thread.
+        """Open ``path`` like the constructor, in a worker thread.
 
         A URL is opened on the running event loop (see :class:`PickledDataset`).
         """
@@ -159,11 +209,12 @@ class PickledDataset(Dataset[Any, Any]):
             dataset: PickledDataset = cls.__new__(cls)
             dataset._options = options
             dataset._reader = await SourceReader.open(path, **remote)
+            dataset._index = dataset._reader.index
             return dataset
         _local_only(path, cache_dir, remote)
 
         def construct() -> PickledDataset:
-            return cls(path, mmap=mmap, safe=safe, allow=allow)
+            return cls(path, mmap=mmap, safe=safe, allow=allow, verify=verify)
 
         return await anyio.to_thread.run_sync(construct)
 
@@ -177,20 +228,25 @@ class PickledDataset(Dataset[Any, Any]):
     @property
     def context(self) -> dict[str, Any]:
         """The metadata stored with the items (the source dataset's ``context``)."""
-        return dict(self._reader.layout.context or {})
+        return dict(self._index.context or {})
 
     @property
     def format_version(self) -> int:
         """The file's format version; 0 for a file of the original ``mlworkflow``."""
-        return self._reader.layout.version
+        return int(self._index.version)
 
     @property
     def file_size(self) -> int:
         """The size of the file in bytes, when it was opened."""
         return self._reader.size
 
-    def yield_keys(self) -> tuple[Any, ...]:
-        return self._reader.layout.keys
+    def yield_keys(self) -> Sequence[Any]:
+        """The keys in file order; a format 2 file unpickles them only now."""
+        return self._index.keys()
+
+    def __len__(self) -> int:
+        # Known at open, without unpickling the keys.
+        return len(self._index)
 
     async def query_item(self, key: Any) -> Any:
         return (await self._reader.query((key,)))[0]
@@ -202,6 +258,26 @@ class PickledDataset(Dataset[Any, Any]):
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
         return await self._reader.query(keys)
+
+    async def query_batch(self, keys: Sequence[Any], collate: Callable[[list[Any]], Any]) -> Any:
+        """The batch of ``keys`` collated by ``collate``.
+
+        With the default collation, a batch of items that are each one
+        large array (64 KiB or more) of one shape and dtype is read straight
+        into place: one ``preadv`` per item into its row of the batch, in a
+        worker thread, each row checked; no copy is made on the loop.
+        """
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        reader = self._reader
+        if collate is DEFAULT_COLLATE and isinstance(reader, Reader2) and keys:
+            entries = reader.locate(keys)
+            size = reader.into_place_plan(entries)
+            if size is not None:
+                batch = await reader.query_batch_into_place(keys, entries, size)
+                if batch is not None:
+                    return batch
+        return await collate_batch(await self.query_items(keys), collate)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -242,6 +318,7 @@ class PickledDataset(Dataset[Any, Any]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(  # type: ignore[misc]
             state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"],
+            verify=state.get("verify", "all"),
             **state.get("remote", {}),
         )
 
@@ -261,6 +338,7 @@ class PickledDataset(Dataset[Any, Any]):
         *,
         concurrency: int = 256,
         progress: bool = False,
+        format_version: int = VERSION2,
     ) -> int:
         """Write the items of ``dataset`` (all of them, or those of ``keys``) into a file.
 
@@ -282,11 +360,16 @@ class PickledDataset(Dataset[Any, Any]):
         readers detect it).
 
         ``progress=True`` shows a progress bar if ``tqdm`` is installed.
+        ``format_version=1`` writes the previous format (no checksums, an
+        index built in memory at open) for readers older than format 2.
+
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if format_version not in (1, VERSION2):
+            raise ValueError(f"format_version must be 1 or 2, got {format_version!r}")
         dataset = _as_dataset(dataset)
         source: Iterable[Any] | AsyncIterable[Any] = dataset.keys if keys is None else keys
         context = getattr(dataset, "context", None)
@@ -303,14 +386,16 @@ class PickledDataset(Dataset[Any, Any]):
             else:
                 raise TypeError(f"create() writes to a path or a binary file object, got {path!r}")
             try:
-                sink.write([header()])
+                sink.write([header2() if format_version == VERSION2 else header()])
             except BaseException:
                 sink.discard()
                 raise
             return sink
 
         sink = await anyio.to_thread.run_sync(open_sink)
-        encoder = Encoder(sink.name)
+        encoder: Encoder | Encoder2 = (
+            Encoder2(sink.name) if format_version == VERSION2 else Encoder(sink.name)
+        )
         bar = _progress_bar(progress, _known_length(source), sink.name)
         committed = False
         engine = dataset._engine(source, chunk, concurrency)
@@ -381,13 +466,32 @@ def _known_length(source: object) -> int | None:
     return len(source) if isinstance(source, Sized) else None
 
 
-def _write_chunk(encoder: Encoder, sink: Sink, keys: list[Any], items: list[Any]) -> None:
+def _write_chunk(
+    encoder: Encoder | Encoder2, sink: Sink, keys: list[Any], items: list[Any]
+) -> None:
     sink.write(encoder.encode(keys, items))
 
 
-def _finish(encoder: Encoder, sink: Sink, context: Mapping[str, Any] | None) -> None:
-    sink.write([encoder.finish(context)])
+
+def _finish(encoder: Encoder | Encoder2, sink: Sink, context: Mapping[str, Any] | None) -> None:
+    if isinstance(encoder, Encoder2):
+        encoder.finish(context, sink.write)
+    else:
+        sink.write([encoder.finish(context)])
     sink.commit()
+
+
+def _format_of(path: str) -> int | None:
+    """The format version a file's header announces (None for other files)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_SIZE)
+    except IsADirectoryError:
+        return None
+    if not head.startswith(MAGIC) or len(head) < 12:
+        return None
+    return int.from_bytes(head[8:12], "little")
+
 
 
 def _progress_bar(enabled: bool, total: int | None, name: str) -> Any:

@@ -25,8 +25,11 @@ import anyio.to_thread
 from ..exceptions import RemoteFileError
 from ._format import HEADER_SIZE, MAGIC, MAP_THRESHOLD, Layout, check_header, corrupt, item_error
 from ._format import parse as parse_index
+from ._format2 import VERSION2
+from ._index2 import Index2, MemoryIndex
 from ._legacy import looks_legacy, parse_legacy
 from ._reads import INLINE_BYTES
+from ._reads2 import open_index
 from ._remote import RemoteSource, open_source
 from ._safe_unpickler import make_loads
 
@@ -49,14 +52,14 @@ class SourceReader:
     """
 
     def __init__(
-        self, source: RemoteSource, layout: Layout, *, use_mmap: bool, safe: bool,
+        self, source: RemoteSource, index: Index2 | MemoryIndex, *, use_mmap: bool, safe: bool,
         allow: Iterable[object],
     ) -> None:
         self.source = source
         self.path = source.name
         self.size = source.size
-        self.layout = layout
-        self.entries = layout.entries
+        self.index = index
+        self._csum = getattr(index, "csum", None)  # format 2: every item has a checksum
         self.use_mmap = use_mmap
         self._loads = make_loads(safe, tuple(allow))
         self._lock = threading.Lock()
@@ -74,31 +77,31 @@ class SourceReader:
             )
         source = await open_source(url, **options)
         try:
-            layout = await _read_layout(source, safe, allow)
+            index = await _read_index(source, safe, allow)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await source.aclose()
             raise
-        return cls(source, layout, use_mmap=use_mmap, safe=safe, allow=allow)
+        return cls(source, index, use_mmap=use_mmap, safe=safe, allow=allow)
 
     # -- reads ---------------------------------------------------------------
 
     async def query(self, keys: Sequence[Any]) -> list[Any]:
         """The items of ``keys``, in order, from one ``read_ranges`` call."""
-        entries = self.entries
+        locate = self.index.locate
         rows = []
         for key in keys:
             try:
-                rows.append(entries[key])
-            except Exception as exc:
-                raise self._unknown(key, exc) from None
+                rows.append(locate(key))
+            except Exception:
+                raise self._unknown(key) from None
         self._acquire()
         try:
             mapped: list[memoryview] = []
             if self.use_mmap:
                 mapped = await self._map_large(rows)
             ranges = [(offset, plen if mapped and mapped[i] is not None else span)
-                      for i, (offset, span, plen, _) in enumerate(rows)]
+                      for i, (offset, span, plen, _, _) in enumerate(rows)]
             try:
                 blobs = await self.source.read_ranges(ranges)
             except RemoteFileError as exc:
@@ -111,7 +114,7 @@ class SourceReader:
 
     async def _map_large(self, rows: Sequence[Any]) -> list[Any]:
         """Views of the cached bytes of items with large buffers (None for the others)."""
-        large = [i for i, (_, span, _, buffers) in enumerate(rows)
+        large = [i for i, (_, span, _, buffers, _) in enumerate(rows)
                  if buffers is not None and span >= MAP_THRESHOLD]
         out: list[Any] = [None] * len(rows)
         if large:
@@ -123,14 +126,19 @@ class SourceReader:
     def _decode(
         self, keys: Sequence[Any], rows: Sequence[Any], blobs: Sequence[Any], mapped: list[Any]
     ) -> list[Any]:
-        loads = self._loads
+        loads, csum = self._loads, self._csum
         out = []
-        for i, (key, (_, _, plen, buffers), blob) in enumerate(zip(keys, rows, blobs, strict=True)):
+        for i, (key, row, blob) in enumerate(zip(keys, rows, blobs, strict=True)):
+            _, span, plen, buffers, crc = row
+            whole = mapped[i] if mapped and mapped[i] is not None else None
+            if crc is not None and csum is not None:
+                checked = whole if whole is not None else memoryview(blob)[:span]
+                if csum(checked) != crc:
+                    raise corrupt(self.path, f"item {key!r} is damaged (checksum mismatch)")
             try:
                 if buffers is None:
                     out.append(loads(blob))
                     continue
-                whole = mapped[i] if mapped and mapped[i] is not None else None
                 if whole is not None:
                     parts = [whole[a:b] for a, b in buffers]
                 else:
@@ -141,14 +149,12 @@ class SourceReader:
                 raise item_error(self.path, key, exc) from exc
         return out
 
-    def _unknown(self, key: object, exc: Exception) -> Exception:
+    def _unknown(self, key: object) -> KeyError:
         try:
-            known = key in self.entries
+            hash(key)
         except TypeError:
             return KeyError(f"{key!r} (unhashable) is not a key of {self.path}")
-        if not known:
-            return KeyError(f"{key!r} is not a key of the PickledDataset {self.path}")
-        return exc
+        return KeyError(f"{key!r} is not a key of the PickledDataset {self.path}")
 
     def _naming(
         self, exc: RemoteFileError, keys: Sequence[Any], ranges: Sequence[tuple[int, int]]
@@ -204,7 +210,16 @@ def open_blocking(url: str, **arguments: Any) -> SourceReader:
     return get_portal().call(opening)
 
 
-async def _read_layout(source: RemoteSource, safe: bool, allow: tuple[object, ...]) -> Layout:
+class _Format2(BaseException):
+    """The file is of format 2, whose index is read by :func:`open_index`."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+
+async def _read_index(
+    source: RemoteSource, safe: bool, allow: tuple[object, ...]
+) -> Index2 | MemoryIndex:
     """Parse the index, fetching each range the parser asks for that is not at hand."""
     known: dict[tuple[int, int], bytes] = {}
     loads = make_loads(safe, allow)
@@ -223,6 +238,8 @@ async def _read_layout(source: RemoteSource, safe: bool, allow: tuple[object, ..
             raise corrupt(path, "the file is empty")
         head = read(0, min(size, HEADER_SIZE))
         if head.startswith(MAGIC):
+            if len(head) >= 12 and int.from_bytes(head[8:12], "little") == VERSION2:
+                raise _Format2(head)
             check_header(head, path)
             return parse_index(read, size, path, loads)
         if MAGIC.startswith(head):
@@ -236,7 +253,10 @@ async def _read_layout(source: RemoteSource, safe: bool, allow: tuple[object, ..
 
     while True:
         try:
-            return await anyio.to_thread.run_sync(parse)
+            return MemoryIndex(await anyio.to_thread.run_sync(parse))
+        except _Format2 as found:
+            # The footer, then the index region: in the last bytes, or one request.
+            return await open_index(source, found.head, loads)
         except _Missing as missing:
             wanted = (missing.offset, min(missing.length, size - missing.offset))
             if wanted[1] < 0 or wanted[1] != missing.length:

@@ -1,0 +1,537 @@
+"""The PickledDataset file format, version 2: checksummed, opened in constant time.
+
+All integers are little-endian. Every byte of the file is covered by a
+checksum (CRC-32C, or zlib's CRC-32 where ``crc32c`` is missing; the header
+says which, see :mod:`mlworkflow_async._store._checksum`).
+
+Header, 64 bytes at offset 0
+    magic ``b"\\x89MLWDS\\r\\n"`` (8 bytes), format version (u32, 2), flags
+    (u32, 0), checksum algorithm (u32: 1 CRC-32, 2 CRC-32C), 40 zero bytes,
+    then the checksum of the 60 bytes before it (u32). Readers of format 1
+    refuse the file as too new.
+
+Items, from offset 64, in file order, back to back
+    Each item is a pickle (protocol 5) whose numpy arrays are out-of-band:
+    their raw bytes follow the pickle, each buffer preceded by zeros up to
+    an 8-byte boundary of the file (a 4096-byte one for buffers of 1 MiB or
+    more, which are mapped rather than copied). An item's *span* runs from
+    its first byte to the first byte of the next item (or of the index):
+    pickle, padding and buffers. Nothing lies between spans.
+
+Index region, from the end of the last item, parts back to back
+    1. entries, one per item in file order, 16 bytes each: the item's
+       offset (u64), ``info`` (u32) and the checksum of its whole span
+       (u32). The top two bits of ``info`` are a tag: 0, no buffers (the
+       low 30 bits are the pickle length, equal to the span); 1, one buffer
+       aligned to 8 bytes, and 2, one buffer aligned to 4096 bytes (the low
+       30 bits are the pickle length; the buffer runs from the first aligned
+       offset after the pickle to the end of the span); 3, anything else
+       (the low 30 bits number a row of the *extended* table).
+    2. key offsets, ``count + 1`` unsigned integers of ``width`` bytes (4,
+       or 8 for huge files): key ``i`` is bytes ``[key_offsets[i],
+       key_offsets[i + 1])`` of the key bytes (part 6).
+    3. hash table, ``table_length`` slots of ``width`` bytes: 0 is empty,
+       ``i + 1`` names entry ``i``. A key's pickled bytes are hashed
+       (:func:`key_hash`), the hash picks a home slot ``hash * capacity >>
+       32`` (``capacity`` = ``count * 5 // 4 + 1``), and the key sits at the
+       first slot from there whose entry has the same key bytes (linear
+       probing, no wrap-around: the table runs past ``capacity`` as far as
+       probing needs). An empty slot or the table's end means absent.
+    4. fingerprints, ``table_length`` bytes: the low 8 bits of the hash of
+       the key in each slot (0 in empty slots), so that a probe of another
+       key's slot is mostly refused without reading that key.
+    5. extended rows, 24 bytes each: pickle length (u64), first buffer row
+       (u64), buffer count (u64).
+    6. buffer rows, 16 bytes each: start and stop (u64) of an out-of-band
+       buffer, relative to its item's offset.
+    7. key bytes: each key pickled with protocol 5 and without memo
+       (:func:`key_bytes`), one after the other, in file order.
+    8. context: a pickle of the dataset's metadata dict (or of ``None``).
+    9. block checksums: the checksum (u32) of every 4096-byte block of
+       parts 1 to 8 (the last block may be shorter), so that a reader
+       checks only the blocks it touches.
+
+Footer, the last 80 bytes
+    index offset, count, table length, extended rows, buffer rows, key
+    bytes length, context length (u64 each), the checksum of the block
+    checksums (u32), width (u32), block size (u32), the checksum of the
+    footer's first 68 bytes (u32), and the end magic ``b"MLWDSEND"``.
+
+Opening reads the header and footer, then maps (or reads, for a remote
+file) the index region: nothing is built per key. A lookup pickles the key,
+hashes it, probes the table and compares bytes; :attr:`keys` are unpickled
+from part 6 only when asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import pickle
+import struct
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+from ..exceptions import UnpicklableItemError
+from ._checksum import DEFAULT, Checksum, checksum_function
+from ._format import MAGIC, PROTOCOL, ItemPickler
+
+__all__ = [
+    "ALIGN",
+    "BLOCK",
+    "ENTRY",
+    "FOOTER",
+    "FOOTER_SIZE",
+    "HEADER2",
+    "MAP_THRESHOLD",
+    "PAGE",
+    "VERSION2",
+    "Encoder2",
+    "header2",
+    "header_intact",
+    "key_bytes",
+    "key_hash",
+]
+
+VERSION2 = 2
+HEADER2 = struct.Struct("<8sIII40xI")
+FOOTER = struct.Struct("<QQQQQQQIIII8s")
+FOOTER_SIZE = FOOTER.size
+END_MAGIC = b"MLWDSEND"
+ENTRY = struct.Struct("<QII")
+EXT = struct.Struct("<QQQ")
+#: Buffers of items start on this boundary of the file.
+ALIGN = 8
+PAGE = 4096
+MAP_THRESHOLD = 1 << 20
+BLOCK = 4096
+TAG_SHIFT = 30
+LOW = (1 << TAG_SHIFT) - 1
+NONE, ONE_SMALL, ONE_PAGE, EXTENDED = 0, 1, 2, 3
+_ZEROS = bytes(PAGE)
+_COPY_LIMIT = 64 << 10
+_GOLDEN = 0x9E3779B1
+_MASK32 = 0xFFFFFFFF
+_HEADER_SPAN = HEADER2.size - 4
+_FOOTER_SPAN = FOOTER_SIZE - 12
+
+
+def header2(algorithm: int = DEFAULT) -> bytes:
+    """The 64-byte header of a format 2 file."""
+    csum = checksum_function(algorithm)
+    assert csum is not None
+    head = HEADER2.pack(MAGIC, VERSION2, 0, algorithm, 0)[:_HEADER_SPAN]
+    return head + struct.pack("<I", csum(head))
+
+
+def header_intact(path: str) -> bool:
+    """Whether the 64-byte header of ``path`` matches its checksum (any version from 2)."""
+    with open(path, "rb") as file:
+        head = file.read(HEADER2.size)
+    if len(head) < HEADER2.size:
+        return False
+    _, _, _, algorithm, crc = HEADER2.unpack(head)
+    csum = checksum_function(algorithm)
+    return csum is not None and csum(head[:_HEADER_SPAN]) == crc
+
+
+def capacity(count: int) -> int:
+    """The number of home slots of the hash table of ``count`` keys."""
+    return count * 5 // 4 + 1
+
+
+# -- keys ----------------------------------------------------------------
+
+_PLAIN = frozenset({int, str, bytes, float})
+
+
+def key_bytes(key: Any) -> bytes:
+    """The identity of a key on disk: its protocol 5 pickle, without memo or frame.
+
+    Without memo, equal keys pickle alike whether or not they share
+    objects; numpy integers are stored as ints, so ``np.int64(3)`` finds 3.
+
+    >>> key_bytes(5)
+    b'\\x80\\x05K\\x05.'
+    >>> s = "ab"
+    >>> key_bytes((s, s)) == key_bytes(("ab", "a" + "b"))
+    True
+    """
+    kind = type(key)
+    if kind in _PLAIN and kind is not str:
+        data = pickle.dumps(key, PROTOCOL)
+    else:
+        if isinstance(key, np.integer):
+            return key_bytes(int(key))
+        out = io.BytesIO()
+        pickler = pickle.Pickler(out, PROTOCOL)
+        pickler.fast = True  # no memo: the bytes depend on values, not on identities
+        pickler.dump(key)
+        data = out.getvalue()
+    if data[2] == 0x95:  # FRAME: optional, and 9 bytes
+        return data[:2] + data[11:]
+    return data
+
+
+def key_hash(csum: Checksum, data: bytes) -> int:
+    """The 32-bit hash of pickled key bytes (stable across processes and runs)."""
+    return (csum(data) * _GOLDEN) & _MASK32
+
+
+# -- writing --------------------------------------------------------------
+
+
+class _Target:
+    __slots__ = ("write",)
+
+    def __init__(self, blob: bytearray) -> None:
+        self.write = blob.extend
+
+
+class _BlockHasher:
+    """Checksums of consecutive fixed-size blocks of a stream written in pieces."""
+
+    def __init__(self, csum: Checksum) -> None:
+        self.csum = csum
+        self.sums: list[int] = []
+        self.value = 0
+        self.filled = 0
+
+    def feed(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(BLOCK - self.filled, len(view))
+            self.value = self.csum(view[:take], self.value)
+            self.filled += take
+            view = view[take:]
+            if self.filled == BLOCK:
+                self.sums.append(self.value)
+                self.value = self.filled = 0
+
+    def finish(self) -> bytes:
+        if self.filled:
+            self.sums.append(self.value)
+        return np.asarray(self.sums, dtype="<u4").tobytes()
+
+
+class _Chunk:
+    """What encoding a chunk gathers besides its bytes: the rarer cases, item by item."""
+
+    __slots__ = ("extra", "jumps", "large", "marks", "special")
+
+    def __init__(self) -> None:
+        self.large: list[tuple[int, memoryview]] = []  # (where in blob, buffer)
+        self.extra = 0  # bytes of the large buffers so far
+        self.jumps: list[tuple[int, int]] = []  # (first item after, bytes) of large buffers
+        self.marks: dict[int, tuple[int, int]] = {}  # item: its range in ``large``
+        self.special: list[tuple[int, int]] = []  # (item, info) of items with buffers
+
+
+class Encoder2:
+    """Turns ``(keys, items)`` chunks into the bytes to append, then writes the index.
+
+    Not thread-safe, but not bound to a thread: chunks are encoded one after
+    the other, each possibly in a different worker thread. What it keeps per
+    item is packed into arrays (about 30 bytes plus the key's pickle), never
+    a Python object per item.
+    """
+
+    def __init__(self, path: str, algorithm: int = DEFAULT) -> None:
+        csum = checksum_function(algorithm)
+        assert csum is not None
+        self.path = path
+        self.algorithm = algorithm
+        self.csum: Checksum = csum
+        self.position = HEADER2.size
+        self.count = 0
+        # Entries, key offsets and key bytes wait in anonymous temporary files
+        # (written through, read back once by finish); only the 4-byte key
+        # hashes stay in memory, for building the hash table.
+        # Closed by finish() or close(), or when the encoder is collected.
+        self._entries = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._key_ends = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._key_bytes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._hashes: list[bytes] = []
+        self._key_total = 0
+        self._ext: list[int] = []
+        self._rows: list[int] = []
+
+    def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
+        """Pickle ``items``; return the buffers to write, in order.
+
+        The loop over items does the least it can (pickling); checksums,
+        offsets and tags are computed afterwards, over the whole chunk.
+        """
+        csum = self.csum
+        if len(keys) != len(items):
+            raise ValueError(f"{len(keys)} keys for {len(items)} items")
+        key_parts = self._key_parts(keys)
+        blob = bytearray()
+        oob: list[pickle.PickleBuffer] = []
+        pickler = ItemPickler(_Target(blob), PROTOCOL, buffer_callback=oob.append)
+        dump, clear_memo = pickler.dump, pickler.clear_memo
+        chunk = _Chunk()
+        starts: list[int] = []  # where each item starts in blob
+        append = starts.append
+        for index, item in enumerate(items):
+            start = len(blob)
+            append(start)
+            try:
+                dump(item)
+            except Exception as exc:
+                raise UnpicklableItemError(
+                    f"item {keys[index]!r} cannot be pickled into {self.path}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            clear_memo()
+            if oob:
+                self._buffers(chunk, index, start, blob, oob)
+                oob.clear()
+            elif len(blob) - start > LOW:
+                chunk.special.append((index, self._extended(len(blob) - start, ())))
+        n = len(starts)
+        starts.append(len(blob))
+        base = self.position
+        large = chunk.large
+        self.position = base + chunk.extra + len(blob)
+        view = memoryview(blob)
+        if not large:
+            sums = [csum(view[a:b]) for a, b in itertools.pairwise(starts)]
+        else:
+            sums = [
+                self._span_sum(view, large, starts, chunk.marks.get(i), i) for i in range(n)
+            ]
+        bounds = np.asarray(starts, dtype=np.int64)
+        table = np.empty(n, dtype=[("offset", "<u8"), ("info", "<u4"), ("crc", "<u4")])
+        offsets = bounds[:-1] + base
+        for after, extra in chunk.jumps:  # large buffers, outside blob, push what follows
+            offsets[after:] += extra
+        table["offset"] = offsets
+        # Tag 0 (no buffers): the info is the pickle's length, the whole span.
+        table["info"] = np.diff(bounds) & LOW
+        if chunk.special:
+            where, infos = zip(*chunk.special, strict=True)
+            table["info"][list(where)] = infos
+        table["crc"] = sums
+        self._entries.write(table.tobytes())
+        key_sums = np.fromiter(map(csum, key_parts), dtype=np.uint64, count=n)
+        self._hashes.append(((key_sums * np.uint64(_GOLDEN)) & np.uint64(_MASK32)).astype("<u4")
+                            .tobytes())
+        lengths = np.fromiter(map(len, key_parts), dtype="<u8", count=n)
+        ends = np.cumsum(lengths, dtype="<u8") + np.uint64(self._key_total)
+        self._key_total += int(lengths.sum())
+        self._key_ends.write(ends.tobytes())
+        self._key_bytes.write(b"".join(key_parts))
+        self.count += n
+        if not large:
+            return [blob]
+        parts: list[Any] = []
+        done = 0
+        for at, raw in large:
+            parts += (view[done:at], raw)
+            done = at
+        parts.append(view[done:])
+        return parts
+
+    def _span_sum(
+        self,
+        view: memoryview,
+        large: list[tuple[int, memoryview]],
+        starts: list[int],
+        marks: tuple[int, int] | None,
+        item: int,
+    ) -> int:
+        """The checksum of an item's span: its bytes in the chunk, with its large buffers."""
+        csum = self.csum
+        if marks is None:
+            return csum(view[starts[item]:starts[item + 1]])
+        value = 0
+        done = starts[item]
+        for at, raw in large[marks[0]:marks[1]]:
+            value = csum(raw, csum(view[done:at], value))
+            done = at
+        return csum(view[done:starts[item + 1]], value)
+
+    def _key_parts(self, keys: Sequence[Any]) -> list[bytes]:
+        """The pickled bytes of ``keys`` (see :func:`key_bytes`)."""
+        if set(map(type, keys)) <= {int}:  # the common case, kept to C-level loops
+            raw = [pickle.dumps(key, PROTOCOL) for key in keys]
+            return [data if data[2] != 0x95 else data[:2] + data[11:] for data in raw]
+        parts = []
+        for key in keys:
+            try:
+                parts.append(key_bytes(key))
+            except Exception as exc:
+                raise UnpicklableItemError(
+                    f"key {key!r} cannot be pickled into {self.path}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return parts
+
+    def _buffers(
+        self,
+        chunk: _Chunk,
+        index: int,
+        start: int,
+        blob: bytearray,
+        oob: list[pickle.PickleBuffer],
+    ) -> None:
+        """Lay out the out-of-band buffers of item ``index`` after its pickle."""
+        plen = len(blob) - start
+        base = self.position + chunk.extra
+        first = base + start
+        rows: list[tuple[int, int]] = []
+        before = len(chunk.large)
+        extra = 0
+        for buffer in oob:
+            raw = buffer.raw()
+            size = raw.nbytes
+            pos = base + extra + len(blob)
+            pad = -pos % (PAGE if size >= MAP_THRESHOLD else ALIGN)
+            if pad:
+                blob += _ZEROS[:pad]
+            rows.append((pos + pad - first, pos + pad - first + size))
+            if size >= _COPY_LIMIT:
+                chunk.large.append((len(blob), raw))
+                extra += size
+            else:
+                blob += raw
+        if extra:
+            chunk.extra += extra
+            chunk.jumps.append((index + 1, extra))
+            chunk.marks[index] = (before, len(chunk.large))
+        if len(rows) == 1 and plen <= LOW:
+            tag = ONE_PAGE if rows[0][1] - rows[0][0] >= MAP_THRESHOLD else ONE_SMALL
+            chunk.special.append((index, tag << TAG_SHIFT | plen))
+        else:
+            chunk.special.append((index, self._extended(plen, rows)))
+
+    def close(self) -> None:
+        """Let go of the temporary files."""
+        for file in (self._entries, self._key_ends, self._key_bytes):
+            file.close()
+
+    def _key_at(self, number: int) -> bytes:
+        a, b = struct.unpack("<QQ", os.pread(self._key_ends.fileno(), 16, 8 * number - 8)) if (
+            number
+        ) else (0, *struct.unpack("<Q", os.pread(self._key_ends.fileno(), 8, 0)))
+        return os.pread(self._key_bytes.fileno(), b - a, a)
+
+    def _refuse_duplicates(self, order: Any, ordered: Any) -> None:
+        """Raise ``ValueError`` if two keys have the same bytes (their hashes are equal too)."""
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        for at in same.tolist():  # equal hashes: the same key twice, or a collision
+            pickled = self._key_at(int(order[at + 1]))
+            run = at
+            while run >= 0 and ordered[run] == ordered[at + 1]:
+                if self._key_at(int(order[run])) == pickled:
+                    raise ValueError(
+                        f"key {pickle.loads(pickled)!r} appears twice: the keys of a "
+                        f"PickledDataset are unique"
+                    )
+                run -= 1
+
+    def _extended(self, plen: int, rows: Sequence[tuple[int, int]]) -> int:
+        index = len(self._ext) // 3
+        if index > LOW:
+            raise ValueError(f"too many items with several arrays for one file ({index})")
+        self._ext += (plen, len(self._rows) // 2, len(rows))
+        for a, b in rows:
+            self._rows += (a, b)
+        return EXTENDED << TAG_SHIFT | index
+
+    def finish(self, context: Mapping[str, Any] | None, write: Callable[[list[Any]], None]) -> None:
+        """Write the index region and the footer through ``write``.
+
+        Raises ``ValueError`` naming a key that appears twice.
+        """
+        csum = self.csum
+        try:
+            context_blob = pickle.dumps(dict(context) if context else None, PROTOCOL)
+        except Exception as exc:
+            raise UnpicklableItemError(
+                f"the context of the dataset cannot be pickled into {self.path}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        n = self.count
+        wide = self._key_total >= 1 << 32 or n + 1 >= 1 << 32
+        width = 8 if wide else 4
+        dtype = "<u8" if wide else "<u4"
+        hasher = _BlockHasher(csum)
+
+        def emit(parts: list[Any]) -> None:
+            for part in parts:
+                hasher.feed(part)
+            write(parts)
+
+        def stream(file: IO[bytes], dtype: str | None = None) -> None:
+            file.flush()
+            file.seek(0)
+            while piece := file.read(1 << 20):
+                emit([piece if dtype is None else np.frombuffer(piece, "<u8").astype(dtype)])
+
+        for file in (self._entries, self._key_ends, self._key_bytes):
+            file.flush()
+        stream(self._entries)
+        emit([np.zeros(1, dtype)])
+        stream(self._key_ends, dtype)
+        hashes = _drain(self._hashes, "<u4")
+        self._hashes = []
+        if n:
+            order = np.argsort(hashes, kind="stable")
+            ordered = hashes[order]
+            del hashes
+            self._refuse_duplicates(order, ordered)
+            # Linear probing, built at once: in home order, each key takes the
+            # first free slot at or after its home (in place: few temporaries).
+            prints = (ordered & 0xFF).astype(np.uint8)
+            slots = ordered.astype(np.uint64)
+            del ordered
+            slots *= np.uint64(capacity(n))
+            slots >>= np.uint64(32)
+            homes = slots.view(np.int64)
+            homes -= np.arange(n, dtype=np.int64)
+            np.maximum.accumulate(homes, out=homes)
+            homes += np.arange(n, dtype=np.int64)
+            table = np.zeros(int(homes[-1]) + 1, dtype)
+            order += 1
+            table[homes] = order
+            fingerprints = np.zeros(len(table), np.uint8)
+            fingerprints[homes] = prints
+            del order, homes, slots, prints
+        else:
+            table = np.zeros(1, dtype)
+            fingerprints = np.zeros(1, np.uint8)
+        emit([table, fingerprints])
+        table_length = len(table)
+        del table, fingerprints
+        emit([np.asarray(self._ext, "<u8").tobytes(), np.asarray(self._rows, "<u8").tobytes()])
+        stream(self._key_bytes)
+        emit([context_blob])
+        self.close()
+        blocks = hasher.finish()
+        write([blocks])
+        footer = FOOTER.pack(
+            self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
+            self._key_total, len(context_blob), csum(blocks), width, BLOCK, 0, END_MAGIC,
+        )
+        head = footer[:_FOOTER_SPAN]
+        write([head + struct.pack("<I", csum(head)) + END_MAGIC])
+
+
+def _drain(chunks: list[bytes], dtype: str) -> Any:
+    """The chunks joined into one array, each chunk let go as soon as it is copied."""
+    size = sum(map(len, chunks)) // np.dtype(dtype).itemsize
+    out = np.empty(size, dtype)
+    at = 0
+    chunks.reverse()
+    while chunks:
+        piece = np.frombuffer(chunks.pop(), dtype)
+        out[at:at + len(piece)] = piece
+        at += len(piece)
+    return out
+

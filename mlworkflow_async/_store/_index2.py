@@ -1,0 +1,416 @@
+"""The index of a format 2 file, used in place: footer checks, hash lookups, lazy keys.
+
+The index region (see :mod:`mlworkflow_async._store._format2`) is a mapped
+(or, for a remote file, downloaded) buffer. Opening checks the header, the
+footer and the table of block checksums; each 4096-byte block of the index
+is checked the first time a lookup touches it (all of them at once when
+the index is small), so a damaged index raises
+:class:`~mlworkflow_async.exceptions.CorruptFileError` instead of leading
+a read astray.
+
+Format 0 and 1 files keep their index in a dict built at open
+(:class:`MemoryIndex`); both kinds answer ``locate(key)``, ``keys()``,
+``len()`` and ``context``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..exceptions import CorruptFileError, UnsupportedVersionError
+from ._checksum import NAMES, Checksum, checksum_function
+from ._format import MAGIC, Layout, corrupt, index_error
+from ._format2 import (
+    ALIGN,
+    END_MAGIC,
+    ENTRY,
+    EXT,
+    FOOTER,
+    FOOTER_SIZE,
+    HEADER2,
+    LOW,
+    PAGE,
+    TAG_SHIFT,
+    VERSION2,
+    capacity,
+    key_bytes,
+)
+
+__all__ = ["Entry2", "Footer", "Index2", "MemoryIndex", "parse_footer"]
+
+#: ``(offset, span, pickle_length, buffers, checksum)``, as format 1's entry
+#: plus the checksum of the span (None for files without checksums).
+Entry2 = tuple[int, int, int, "tuple[tuple[int, int], ...] | None", "int | None"]
+#: Indexes at most this large are checked whole at open.
+EAGER_BYTES = 1 << 20
+_GOLDEN = 0x9E3779B1
+_MASK32 = 0xFFFFFFFF
+_ENTRY_AND_NEXT = struct.Struct("<QIIQ")
+_ROW = struct.Struct("<QQ")
+
+
+class Footer(NamedTuple):
+    """What the header and footer say, with the place of each part of the index region.
+
+    Offsets of parts are relative to the start of the region.
+    """
+
+    algorithm: int
+    csum: Checksum
+    index_offset: int
+    item_count: int
+    table_length: int
+    ext_count: int
+    row_count: int
+    keys_length: int
+    context_length: int
+    blocks_crc: int
+    width: int
+    block: int
+    key_offsets: int
+    table: int
+    prints: int
+    ext: int
+    rows: int
+    keys: int
+    context: int
+    blocks: int
+    block_count: int
+    region_length: int
+
+
+def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
+    """Check the header and footer of a format 2 file of ``size`` bytes."""
+    if size < HEADER2.size + FOOTER_SIZE or len(head) < HEADER2.size or len(foot) < FOOTER_SIZE:
+        raise corrupt(
+            name, "its end-of-file marker is missing: it is truncated, or its writer was "
+            "interrupted"
+        )
+    magic, version, _flags, algorithm, head_crc = HEADER2.unpack_from(head)
+    if magic != MAGIC or version != VERSION2:
+        raise corrupt(name, "its header is not that of format 2")
+    csum = checksum_function(algorithm)
+    if csum is None:
+        known = NAMES.get(algorithm)
+        if known is None:
+            raise corrupt(name, f"its header names an unknown checksum ({algorithm})")
+        raise UnsupportedVersionError(
+            f"{name} is checked with {known}, which needs the crc32c package: "
+            f"pip install crc32c", name
+        )
+    if csum(head[: HEADER2.size - 4]) != head_crc:
+        raise corrupt(name, "its header is damaged (checksum mismatch)")
+    fields = FOOTER.unpack_from(foot)
+    if fields[-1] != END_MAGIC:
+        raise corrupt(
+            name, "its end-of-file marker is missing: it is truncated, or its writer was "
+            "interrupted"
+        )
+    if csum(foot[: FOOTER_SIZE - 12]) != fields[-2]:
+        raise corrupt(name, "its footer is damaged (checksum mismatch)")
+    (index_offset, count, table_length, ext_count, row_count, keys_length, context_length,
+     blocks_crc, width, block, _, _) = fields
+    if width not in (4, 8) or block < 512 or block & (block - 1):
+        raise corrupt(name, f"its footer is malformed (width {width}, block {block})")
+    key_offsets = 16 * count
+    table = key_offsets + (count + 1) * width
+    prints = table + table_length * width
+    ext = prints + table_length
+    rows = ext + 24 * ext_count
+    keys = rows + 16 * row_count
+    context = keys + keys_length
+    blocks = context + context_length
+    block_count = -(-blocks // block)
+    region_length = blocks + 4 * block_count
+    if (
+        index_offset < HEADER2.size
+        or index_offset + region_length + FOOTER_SIZE != size
+        or table_length < min(1, count) or table_length > 2 * capacity(count) + 1
+    ):
+        raise corrupt(
+            name, f"its footer does not fit its size ({size} bytes): it is truncated or "
+            f"damaged"
+        )
+    return Footer(
+        algorithm, csum, index_offset, count, table_length, ext_count, row_count,
+        keys_length, context_length, blocks_crc, width, block, key_offsets, table, prints, ext,
+        rows, keys, context, blocks, block_count, region_length,
+    )
+
+
+class Index2:
+    """The index of a format 2 file, read in place from its region.
+
+    ``region`` is any buffer holding the bytes of the index region from
+    offset ``base`` (a map of the file's tail, whose start must be aligned;
+    slicing an ``mmap`` or ``bytes`` gives ``bytes``, quick to compare).
+    """
+
+    version = VERSION2
+
+    def __init__(
+        self,
+        name: str,
+        footer: Footer,
+        region: Any,
+        loads: Callable[..., Any],
+        base: int = 0,
+    ) -> None:
+        self.name = name
+        self.footer = footer
+        self.csum = footer.csum
+        self.item_count = footer.item_count
+        self.data_end = footer.index_offset
+        self._buffer = region
+        self._region = memoryview(region)[base:base + footer.region_length]
+        self._loads = loads
+        f = footer
+        region = self._region
+        # Absolute places in the buffer and plain ints, for the lookup paths.
+        self._entries_at = base
+        self._offsets_at = base + f.key_offsets
+        self._table_at = base + f.table
+        self._prints_at = base + f.prints
+        self._keys_at = base + f.keys
+        self._table_length = f.table_length
+        self._width = f.width
+        self._keys_length = f.keys_length
+        sums = region[f.blocks:f.blocks + 4 * f.block_count]
+        if self.csum(sums) != f.blocks_crc:
+            raise corrupt(name, "its index is damaged (block checksums mismatch)")
+        self._sums = np.frombuffer(sums, "<u4")
+        self._verified = bytearray(f.block_count)
+        self._lazy = True
+        if f.blocks <= EAGER_BYTES:
+            self.check(0, f.blocks)
+            self._lazy = False
+        self._slot = struct.Struct("<I" if f.width == 4 else "<Q")
+        self._pair = struct.Struct("<II" if f.width == 4 else "<QQ")
+        self._capacity = capacity(f.item_count)
+        self._context: dict[str, Any] | None = None
+        self._context_loaded = False
+
+    def __len__(self) -> int:
+        return self.item_count
+
+    # -- checks ---------------------------------------------------------------
+
+    def check(self, start: int, length: int) -> None:
+        """Check the blocks holding ``length`` bytes from ``start`` of the region, once each."""
+        block = self.footer.block
+        verified = self._verified
+        for number in range(start // block, (start + max(length, 1) - 1) // block + 1):
+            if number < len(verified) and not verified[number]:
+                begin = number * block
+                piece = self._region[begin:min(begin + block, self.footer.blocks)]
+                if self.csum(piece) != int(self._sums[number]):
+                    raise corrupt(
+                        self.name, f"its index is damaged (checksum mismatch in bytes "
+                        f"{self.data_end + begin} to {self.data_end + begin + len(piece)})"
+                    )
+                verified[number] = 1
+
+    def check_all(self) -> None:
+        self.check(0, self.footer.blocks)
+        self._lazy = False
+
+    # -- lookups --------------------------------------------------------------
+
+    def locate(self, key: Any) -> Entry2:
+        """The entry of ``key``; ``KeyError`` if it is not in the file."""
+        try:
+            pickled = key_bytes(key)
+            return self.entry(self.find(pickled, key))
+        except (KeyError, pickle.PicklingError, TypeError, AttributeError, RecursionError):
+            try:
+                hash(key)
+            except TypeError:
+                raise KeyError(f"{key!r} (unhashable) is not a key of {self.name}") from None
+            raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}") from None
+
+    def find(self, pickled: bytes, key: Any) -> int:
+        """The entry number of the key pickled as ``pickled``."""
+        buffer, lazy, width = self._buffer, self._lazy, self._width
+        count, keys_at, keys_length = self.item_count, self._keys_at, self._keys_length
+        table_at, offsets_at, prints_at = self._table_at, self._offsets_at, self._prints_at
+        hashed = (self.csum(pickled) * _GOLDEN) & _MASK32
+        slot = (hashed * self._capacity) >> 32
+        fingerprint = hashed & 0xFF
+        unpack_slot, unpack_pair = self._slot.unpack_from, self._pair.unpack_from
+        size = len(pickled)
+        while slot < self._table_length:
+            if lazy:
+                self.check(prints_at - self._entries_at + slot, 1)
+            seen = buffer[prints_at + slot]
+            if seen != fingerprint:  # another key's slot, or an empty one (printed 0)
+                if not seen and self._empty(slot):
+                    break
+                slot += 1
+                continue
+            if lazy:
+                self.check(table_at - self._entries_at + slot * width, width)
+            number = unpack_slot(buffer, table_at + slot * width)[0]
+            if not number:
+                break
+            number -= 1
+            if number >= count:
+                raise corrupt(self.name, "its hash table names an entry past the end")
+            if lazy:
+                self.check(offsets_at - self._entries_at + number * width, 2 * width)
+            a, b = unpack_pair(buffer, offsets_at + number * width)
+            if b - a == size:
+                if not a <= b <= keys_length:
+                    raise corrupt(self.name, "its index places a key outside its key bytes")
+                if lazy:
+                    self.check(keys_at - self._entries_at + a, size)
+                if buffer[keys_at + a:keys_at + b] == pickled:
+                    return int(number)
+            slot += 1
+        raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}")
+
+    def _empty(self, slot: int) -> bool:
+        at = self._table_at + slot * self._width
+        if self._lazy:
+            self.check(at - self._entries_at, self._width)
+        return not self._slot.unpack_from(self._buffer, at)[0]
+
+    def entry(self, number: int) -> Entry2:
+        """The entry of the item stored ``number``-th."""
+        at = 16 * number
+        if self._lazy:
+            self.check(at, 24)
+        if number + 1 < self.item_count:
+            offset, info, crc, end = _ENTRY_AND_NEXT.unpack_from(
+                self._buffer, self._entries_at + at
+            )
+        else:
+            offset, info, crc = ENTRY.unpack_from(self._buffer, self._entries_at + at)
+            end = self.data_end
+        span = end - offset
+        if offset < HEADER2.size or span < 0 or end > self.data_end:
+            raise self._misplaced(number)
+        tag = info >> TAG_SHIFT
+        if tag == 0:
+            if info != span:
+                raise self._misplaced(number)
+            return offset, span, span, None, crc
+        low = info & LOW
+        if tag < 3:
+            align = ALIGN if tag == 1 else PAGE
+            start = offset + low
+            start += -start % align
+            if start > end:
+                raise self._misplaced(number)
+            return offset, span, low, ((start - offset, span),), crc
+        return self._extended(number, offset, span, low, crc)
+
+    def _extended(self, number: int, offset: int, span: int, row: int, crc: int) -> Entry2:
+        f, region = self.footer, self._region
+        if row >= f.ext_count:
+            raise self._misplaced(number)
+        at = f.ext + 24 * row
+        if self._lazy:
+            self.check(at, 24)
+        plen, first, count = EXT.unpack_from(region, at)
+        if plen > span or first + count > f.row_count:
+            raise self._misplaced(number)
+        if not count:
+            if plen != span:
+                raise self._misplaced(number)
+            return offset, span, plen, None, crc
+        at = f.rows + 16 * first
+        if self._lazy:
+            self.check(at, 16 * count)
+        buffers = []
+        done = plen
+        for index in range(count):
+            a, b = _ROW.unpack_from(region, at + 16 * index)
+            if not done <= a <= b <= span:
+                raise self._misplaced(number)
+            buffers.append((a, b))
+            done = b
+        if done != span:
+            raise self._misplaced(number)
+        return offset, span, plen, tuple(buffers), crc
+
+    def _misplaced(self, number: int) -> CorruptFileError:
+        return corrupt(self.name, f"its index places item number {number} outside the data")
+
+    # -- what is read whole -----------------------------------------------------
+
+    def key_of(self, number: int) -> Any:
+        """The key of the item stored ``number``-th, unpickled."""
+        f = self.footer
+        at = f.key_offsets + number * f.width
+        if self._lazy:
+            self.check(at, 2 * f.width)
+        a, b = self._pair.unpack_from(self._region, at)
+        if not a <= b <= f.keys_length:
+            raise corrupt(self.name, "its index places a key outside its key bytes")
+        if self._lazy:
+            self.check(f.keys + a, b - a)
+        try:
+            return self._loads(self._region[f.keys + a:f.keys + b])
+        except Exception as exc:
+            raise index_error(self.name, exc) from exc
+
+    def keys(self) -> list[Any]:
+        """Every key, in file order, unpickled now."""
+        f = self.footer
+        self.check(f.key_offsets, f.keys + f.keys_length - f.key_offsets)
+        ends = np.frombuffer(
+            self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"
+        )
+        if len(ends) and (
+            int(ends[0]) != 0 or int(ends[-1]) != f.keys_length or (ends[1:] < ends[:-1]).any()
+        ):
+            raise corrupt(self.name, "its index places a key outside its key bytes")
+        blob = bytes(self._region[f.keys:f.keys + f.keys_length])
+        loads = self._loads
+        bounds = ends.tolist()
+        try:
+            return [loads(blob[a:b]) for a, b in itertools.pairwise(bounds)]
+        except Exception as exc:
+            raise index_error(self.name, exc) from exc
+
+    @property
+    def context(self) -> dict[str, Any] | None:
+        if not self._context_loaded:
+            f = self.footer
+            self.check(f.context, f.blocks - f.context)
+            try:
+                context = self._loads(self._region[f.context:f.blocks])
+            except Exception as exc:
+                raise index_error(self.name, exc) from exc
+            if context is not None and not isinstance(context, dict):
+                raise corrupt(self.name, "its context is not a dict")
+            self._context = context
+            self._context_loaded = True
+        return self._context
+
+
+class MemoryIndex:
+    """The index of a format 0 or 1 file, built in memory when it was opened."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.version = layout.version
+        self.layout = layout
+        self.context = layout.context
+
+    def __len__(self) -> int:
+        return len(self.layout.keys)
+
+    def locate(self, key: Any) -> Entry2:
+        try:
+            return (*self.layout.entries[key], None)
+        except TypeError:
+            raise KeyError(f"{key!r} (unhashable) is not a key of the file") from None
+
+    def keys(self) -> tuple[Any, ...]:
+        return self.layout.keys

@@ -1,0 +1,181 @@
+"""Format 2 opens in constant time: two reads, nothing built or unpickled per key.
+
+Timings are left to the benchmarks; these tests check the structure that
+makes opening independent of the number of items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlworkflow_async import PickledDataset
+from mlworkflow_async._store._format2 import HEADER2
+from mlworkflow_async._store._index2 import EAGER_BYTES, Index2
+from mlworkflow_async._store._reads2 import open_index
+from mlworkflow_async._store._safe_unpickler import make_loads
+from mlworkflow_async.exceptions import CorruptFileError
+
+from ._pickled_util import write_file
+
+UNPICKLED = 0
+
+
+def _rebuild(value: int) -> Counted:
+    global UNPICKLED
+    UNPICKLED += 1
+    return Counted(value)
+
+
+class Counted(int):
+    """A key type that counts how often it is unpickled."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _rebuild, (int(self),)
+
+
+class FileSource:
+    """A byte source over a local file that counts its requests."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.size = path.stat().st_size
+        self._path = path
+        self.requests: list[list[tuple[int, int]]] = []
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.requests.append(list(ranges))
+        with open(self._path, "rb") as f:  # noqa: ASYNC230
+            out = []
+            for offset, length in ranges:
+                f.seek(offset)
+                out.append(f.read(length))
+            return out
+
+
+def big_file(folder: Path, n: int) -> Path:
+    path = folder / f"n{n}.pkl"
+    write_file(path, {Counted(i): i for i in range(n)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # An index larger than EAGER_BYTES, so that its blocks are checked lazily.
+    return big_file(tmp_path_factory.mktemp("index"), 60_000)
+
+
+@pytest.mark.parametrize("n", [10, 60_000])
+def test_opening_through_a_source_takes_two_requests(tmp_path: Path, n: int) -> None:
+    path = big_file(tmp_path, n)
+    source = FileSource(path)
+    head = path.read_bytes()[: HEADER2.size]
+    index = asyncio.run(open_index(source, head, make_loads(False)))
+    assert len(source.requests) == 2
+    assert len(index) == n
+    assert index.entry(index.find(_pickled(Counted(n - 1)), n - 1))[1] > 0
+
+
+def _pickled(key: Any) -> bytes:
+    from mlworkflow_async._store._format2 import key_bytes
+
+    return key_bytes(key)
+
+
+def test_keys_are_unpickled_only_when_asked(big: Path) -> None:
+    before = UNPICKLED
+    with PickledDataset(big) as ds:
+        assert len(ds) == 60_000
+        assert ds.sync.query_item(Counted(12_345)) == 12_345
+        with pytest.raises(KeyError):
+            ds.sync.query_item(12_345)  # a plain int pickles otherwise: not the same key
+        assert before == UNPICKLED
+        keys = ds.sync.keys.all()
+        assert before + 60_000 == UNPICKLED
+        assert list(keys[:3]) == [0, 1, 2]
+
+
+def test_a_large_index_is_mapped_and_checked_block_by_block(big: Path) -> None:
+    with PickledDataset(big) as ds:
+        index = ds._reader.index
+        assert isinstance(index, Index2)
+        assert index.footer.blocks > EAGER_BYTES
+        assert isinstance(index._region, memoryview)
+        assert isinstance(index._buffer, __import__("mmap").mmap)
+        assert sum(index._verified) == 0  # nothing per key, nothing per block at open
+        ds.sync.query_item(Counted(777))
+        # The slots probed, their entries and key bytes: a handful, whatever the size.
+        assert 1 <= sum(index._verified) <= 16
+
+
+def test_a_damaged_block_of_a_large_index_is_found_when_touched(tmp_path: Path) -> None:
+    path = big_file(tmp_path, 60_000)
+    with PickledDataset(path) as ds:
+        f = ds._reader.index.footer
+        at = f.index_offset + f.table + 1000 * f.width  # inside the hash table
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x04
+    path.write_bytes(bytes(data))
+    with PickledDataset(path) as ds:  # opening does not read that block
+        failures = []
+        for key in range(0, 60_000, 97):
+            try:
+                assert ds.sync.query_item(Counted(key)) == key
+            except CorruptFileError as exc:
+                failures.append(str(exc))
+        assert failures
+        assert all("index is damaged" in message for message in failures)
+        with pytest.raises(CorruptFileError, match="index is damaged"):
+            ds._reader.index.check_all()
+
+
+_MEASURE_CREATE = """
+import asyncio, gc, sys
+from mlworkflow_async import DictDataset, PickledDataset
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+
+n = int(sys.argv[2])
+source = DictDataset({i: i for i in range(n)})
+asyncio.run(PickledDataset.create(DictDataset({0: 0}), sys.argv[1] + ".warm"))
+source.sync.keys.all()  # the source memoizes its keys as create lists them: part of the source
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak restarts from the current resident size
+before = peak_kib()
+asyncio.run(PickledDataset.create(source, sys.argv[1]))
+print((peak_kib() - before) * 1024 / n)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_create_keeps_no_python_object_per_item(tmp_path: Path) -> None:
+    n = 300_000
+    path = tmp_path / "tiny.pkl"
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_CREATE, str(path), str(n)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    per_item = float(done.stdout)
+    assert per_item < 64, per_item
+    with PickledDataset(path) as ds:
+        assert ds.sync.query_item(n - 1) == n - 1
+
+
+def test_an_empty_dataset_opens(tmp_path: Path) -> None:
+    path = tmp_path / "empty.pkl"
+    write_file(path, {})
+    with PickledDataset(path) as ds:
+        assert len(ds) == 0
+        assert list(ds.sync.keys.all()) == []
+        with pytest.raises(KeyError):
+            ds.sync.query_item(0)
