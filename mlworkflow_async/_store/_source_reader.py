@@ -2,9 +2,11 @@
 
 A byte source has a ``name``, a ``size`` and ``await read_ranges([(offset,
 length), ...])`` (:class:`~._remote.RemoteSource` is one). Opening parses
-the index with the same functions as a local file; each read the parser
-asks for that the source does not already hold (its last bytes, fetched
-when it opened) costs one request. A query reads all its items with one
+the index with the same functions as a local file (format 2 through
+:func:`~._reads2.open_index`: the footer, then the index region); each read
+the parser asks for that the source does not already hold (its last bytes,
+fetched when it opened) costs one request. Items of format 2 are checked
+against their checksums before they are unpickled. A query reads all its items with one
 ``read_ranges`` call, so a batch travels in as few requests as its ranges
 allow, then unpickles them (in a worker thread when the batch is large).
 
