@@ -30,6 +30,7 @@ WORKLOADS = [
     "w_cpu_stages",
     "w8_epochs",
     "w_sharded",
+    "w_remote",
 ]
 
 

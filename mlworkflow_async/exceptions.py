@@ -19,7 +19,10 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
         ├── CorruptFileError
         ├── UnsupportedVersionError
         ├── UnsafePickleError
-        └── KeyClassNotFoundError
+        ├── KeyClassNotFoundError
+        └── RemoteFileError (a file behind a URL)
+            ├── RemoteFileNotFoundError (also FileNotFoundError)
+            └── RemoteFileChangedError
 
 Errors raised by user code (a dataset's ``query_item``, a transform, a
 predicate) are never wrapped: they propagate with their own type, and a note
@@ -38,6 +41,9 @@ __all__ = [
     "KeysNotReadyError",
     "MlworkflowAsyncError",
     "PickledFileError",
+    "RemoteFileChangedError",
+    "RemoteFileError",
+    "RemoteFileNotFoundError",
     "ResumeError",
     "RunnerClosedError",
     "SyncInLoopError",
@@ -224,3 +230,25 @@ class WorkerLostError(WorkerDiedError):
     The message names the shard. The dataset previously in the folder, if
     any, is left as it was; the files of the failed run are deleted.
     """
+
+
+class RemoteFileError(PickledFileError):
+    """A file behind a URL (``http(s)://`` or an fsspec URL) cannot be fetched.
+
+    Raised when the server refuses the connection, does not answer byte-range
+    requests, or keeps failing after the retries; the message names the URL
+    (also in ``path``) and, for a read, the byte range and the key.
+    """
+
+
+class RemoteFileNotFoundError(RemoteFileError, FileNotFoundError):
+    """The URL names no file (HTTP 404, or no such object). Check the URL."""
+
+
+class RemoteFileChangedError(RemoteFileError):
+    """The file behind the URL changed on the server while it was open.
+
+    Its ETag (or size) no longer matches the one seen when it was opened, so
+    its index no longer describes it. Open it again.
+    """
+

@@ -100,7 +100,7 @@ def wait_until_listening(port: int, process: subprocess.Popen[str]) -> None:
 
 
 def test_the_section_has_its_blocks() -> None:
-    assert len(BLOCKS) == 5, BLOCKS
+    assert len(BLOCKS) == 6, BLOCKS
 
 
 def test_install_block_installs_the_examples_extra() -> None:
@@ -227,3 +227,11 @@ def test_every_script_named_exists_and_every_script_is_shown() -> None:
     }
     scripts = {f"examples/{path.name}" for path in (ROOT / "examples").glob("[!_]*.py")}
     assert named == scripts
+
+
+def test_remote_training_command_runs_as_written(tmp_path: Path) -> None:
+    (line,) = commands(BLOCKS[5])
+    output = run(adapt(line, {}), tmp_path).stdout
+    assert "epoch 3/3" in output
+    assert (tmp_path / "served" / "train.pkl").is_file()
+    assert list((tmp_path / "remote-cache").glob("*.ranges"))

@@ -58,7 +58,9 @@ from ._format2 import VERSION2, Encoder2, header2, header_intact
 from ._index2 import Index2, MemoryIndex
 from ._reads import FileReader
 from ._reads2 import Reader2
+from ._remote import is_url
 from ._safe_unpickler import allowed_names
+from ._source_reader import SourceReader, open_blocking
 from ._writes import AtomicFile, FileObject, Sink
 
 __all__ = ["PickledDataset"]
@@ -119,9 +121,20 @@ class PickledDataset(Dataset[Any, Any]):
 
     An open PickledDataset can be pickled to another process, which
     reopens the file by path, and keeps working in a forked child.
+
+    ``path`` may also be an ``http(s)://`` or fsspec URL (the ``remote``
+    extra): items are fetched by byte-range requests, grouped per batch,
+    with retries, and ``cache_dir=`` keeps what was fetched on local disk.
+    The other keywords (``gap``, ``max_requests``, ``retries``, ``backoff``,
+    ``timeout``, ``tail``, ``cache_size``, ``cache_block``, ``headers``,
+    ``storage_options``) are those of
+    :class:`~mlworkflow_async._store._remote.RemoteOptions`.
     """
 
     batched_queries = True
+    _reader: FileReader | SourceReader
+    _index: Index2 | MemoryIndex
+    _options: dict[str, Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickledDataset:
         # A folder (or a URL ending in "/") holds a sharded dataset.
@@ -145,7 +158,15 @@ class PickledDataset(Dataset[Any, Any]):
         safe: bool = False,
         allow: Iterable[object] = (),
         verify: str = "all",
+        cache_dir: str | os.PathLike[str] | None = None,
+        **remote: Any,
     ) -> None:
+        if is_url(path):
+            self._options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
+            self._reader = open_blocking(path, **remote)
+            self._index = self._reader.index
+            return
+        _local_only(path, cache_dir, remote)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"PickledDataset opens a file by its path (str or os.PathLike), got {path!r}"
@@ -157,7 +178,6 @@ class PickledDataset(Dataset[Any, Any]):
         path = os.fspath(path)
         if safe:
             allowed_names(allowed)  # refuse a bad allow list before touching the file
-        self._reader: FileReader
         version = _format_of(path)
         if version is not None and version > VERSION2:
             if not header_intact(path):
@@ -174,7 +194,7 @@ class PickledDataset(Dataset[Any, Any]):
             self._reader = Reader2(
                 path, use_mmap=bool(mmap), safe=bool(safe), allow=allowed, verify=verify
             )
-            self._index: Index2 | MemoryIndex = self._reader.index
+            self._index = self._reader.index
         else:
             if verify not in ("all", "copied"):
                 raise ValueError(f"verify must be 'all' or 'copied', got {verify!r}")
@@ -190,16 +210,28 @@ class PickledDataset(Dataset[Any, Any]):
         safe: bool = False,
         allow: Iterable[object] = (),
         verify: str = "all",
+        cache_dir: str | os.PathLike[str] | None = None,
+        **remote: Any,
     ) -> PickledDataset:
-        """Open ``path`` like the constructor, in a worker thread."""
+        """Open ``path`` like the constructor, in a worker thread.
+
+        A URL is opened on the running event loop (see :class:`PickledDataset`).
+        """
         allow = tuple(allow)
-        if "://" in os.fspath(path):
+        if is_url(path):
             from ._sharded import ShardedPickledDataset, is_sharded_location
 
             if is_sharded_location(path):
                 return await ShardedPickledDataset.open_sharded(
                     path, mmap=mmap, safe=safe, allow=allow, verify=verify
                 )
+            options, remote = _remote_options(mmap, safe, allow, cache_dir, remote)
+            dataset: PickledDataset = cls.__new__(cls)
+            dataset._options = options
+            dataset._reader = await SourceReader.open(path, **remote)
+            dataset._index = dataset._reader.index
+            return dataset
+        _local_only(path, cache_dir, remote)
 
         def construct() -> PickledDataset:
             return cls(path, mmap=mmap, safe=safe, allow=allow, verify=verify)
@@ -307,6 +339,7 @@ class PickledDataset(Dataset[Any, Any]):
         self.__init__(  # type: ignore[misc]
             state["path"], mmap=state["mmap"], safe=state["safe"], allow=state["allow"],
             verify=state.get("verify", "all"),
+            **state.get("remote", {}),
         )
 
     def __repr__(self) -> str:
@@ -422,6 +455,29 @@ class PickledDataset(Dataset[Any, Any]):
             if bar is not None:
                 bar.close()
         return encoder.count
+
+
+# -- files behind URLs ---------------------------------------------------------
+
+
+def _remote_options(
+    mmap: bool, safe: bool, allow: Iterable[object], cache_dir: Any, remote: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options to keep (to reopen elsewhere) and the arguments of the remote reader."""
+    allowed = tuple(allow)
+    if cache_dir is not None:
+        remote["cache_dir"] = os.fspath(cache_dir)
+    kept = {"mmap": bool(mmap), "safe": bool(safe), "allow": allowed, "remote": dict(remote)}
+    return kept, {"use_mmap": bool(mmap), "safe": bool(safe), "allow": allowed, **remote}
+
+
+def _local_only(path: object, cache_dir: object, remote: dict[str, Any]) -> None:
+    if cache_dir is not None or remote:
+        names = ", ".join(sorted([*remote, *(["cache_dir"] if cache_dir is not None else [])]))
+        raise TypeError(
+            f"{names} only apply to files behind URLs (http(s)://, s3://, ...), and {path!r} "
+            f"is a local path"
+        )
 
 
 # -- helpers for create ------------------------------------------------------
