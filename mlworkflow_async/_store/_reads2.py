@@ -88,16 +88,6 @@ class _Entries:
         return [(key, index.entry(n)[:4]) for n, key in enumerate(index.keys())]
 
 
-def _pread_exactly(fd: int, size: int, offset: int, path: str) -> bytes:
-    data = os.pread(fd, size, offset)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            raise corrupt(path, "it is truncated")
-        data += more
-    return data
-
-
 class Reader2(_reads.FileReader):
     """The open state of a format 2 file: its mapped index, descriptor and read paths."""
 
@@ -123,12 +113,12 @@ class Reader2(_reads.FileReader):
                 raise corrupt(path, "it is not a regular file")
             self.size = info.st_size
             self.identity = (info.st_dev, info.st_ino)
-            head = _pread_exactly(fd, min(self.size, HEADER2.size), 0, path)
+            head = _reads._read_exactly(fd, min(self.size, HEADER2.size), 0, path)
             if not head.startswith(MAGIC):
                 raise corrupt(path, "it does not start with a PickledDataset header")
             foot = b""
             if self.size >= HEADER2.size + FOOTER_SIZE:
-                foot = _pread_exactly(fd, FOOTER_SIZE, self.size - FOOTER_SIZE, path)
+                foot = _reads._read_exactly(fd, FOOTER_SIZE, self.size - FOOTER_SIZE, path)
             footer = parse_footer(path, self.size, head, foot)
             base = footer.index_offset - footer.index_offset % mmap.ALLOCATIONGRANULARITY
             length = footer.index_offset + footer.region_length - base
