@@ -280,9 +280,10 @@ def test_seed_example_parallel_downloader_script(tmp_path: Path) -> None:
 def test_an_unclosed_runner_finishes_its_work_at_exit_and_reports_failures() -> None:
     done = run_script("unclosed_runner.py")
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0] == "end of script"
-    assert sorted(lines[1:]) == [
+    # The dropped runner's line may come before or after the script's last one.
+    lines = [line for line in done.stdout.splitlines() if line != "end of script"]
+    assert done.stdout.splitlines().count("end of script") == 1
+    assert sorted(lines) == [
         "done 0",
         "done 1",
         "done 2",

@@ -21,7 +21,12 @@ for i in range(6):
     runner.do(slow, i)
 runner.do(fail)
 
-# Dropped at once: its work must run all the same.
-SideRunner(1).do(print, "dropped runner's work ran", flush=True)
+def say(line):
+    sys.stdout.write(line + "\n")  # one write: lines from threads stay whole
+    sys.stdout.flush()
 
-print("end of script", flush=True)
+
+# Dropped at once: its work must run all the same.
+SideRunner(1).do(say, "dropped runner's work ran")
+
+say("end of script")
