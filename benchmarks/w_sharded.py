@@ -100,7 +100,7 @@ def _creates(folder: str, n: int, rounds: int) -> list[Row]:
                 _create(source, os.path.join(folder, "set"), shards=4, client=client)
             ))
     return [
-        Row(f"W7a create {n:,} items of ~1 ms pure-Python work, shards=4 on a 2-worker "
+        Row(f"W9a create {n:,} items of ~1 ms pure-Python work, shards=4 on a 2-worker "
             f"LocalCluster", "items/s", max(sharded), max(single), "create in one process",
             1.6),
     ]
@@ -119,7 +119,7 @@ def _reads(folder: str, n: int, rounds: int) -> list[Row]:
         for _ in range(rounds):  # interleaved, best of each: noise only slows things down
             ours.append(asyncio.run(_read(sharded, keys)))
             base.append(asyncio.run(_read(single, keys)))
-        rows.append(Row(f"W7b {n:,} W3a items, batches(64) {name}, 4 shards", "items/CPU-s",
+        rows.append(Row(f"W9b {n:,} W3a items, batches(64) {name}, 4 shards", "items/CPU-s",
                         max(ours), max(base), "one file of the same items",
                         0.9 if keys is None else None))
     return rows
