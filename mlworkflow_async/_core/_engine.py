@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,6 +44,7 @@ import anyio.lowlevel
 
 from ..exceptions import TooManyFailuresError
 from ._order import KnownOrder, StreamedOrder
+from ._portal import running_loop_library
 
 __all__ = ["Engine", "Failure", "StreamStats", "add_key_note", "map_ordered"]
 
@@ -149,20 +149,6 @@ Finish = Callable[[list[Any]], Awaitable[Any]]
 
 async def _as_list(items: list[Any]) -> list[Any]:
     return items
-
-
-def _running_library() -> str:
-    try:
-        asyncio.get_running_loop()
-        return "asyncio"
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        with contextlib.suppress(RuntimeError):
-            trio.lowlevel.current_trio_token()
-            return "trio"
-    raise RuntimeError("mlworkflow_async streams must be iterated inside an event loop")
 
 
 class Engine(Generic[K]):
@@ -335,7 +321,9 @@ class Engine(Generic[K]):
     def _start(self) -> None:
         self._started = True
         self._keys_pending: anyio.Event | None = None
-        library = _running_library()
+        library = running_loop_library()
+        if library is None:
+            raise RuntimeError("mlworkflow_async streams must be iterated inside an event loop")
         self._cancelled = anyio.get_cancelled_exc_class()
         work = self._unit_worker if self._bulk else self._item_worker
         if library == "asyncio":
