@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -154,7 +155,9 @@ def read_in_subprocess(
     A crash or a hang fails with the name (``names[i]``, else the path) of the
     file and the mode being read, taken from the child's progress file.
     """
-    job = folder / f"job-{os.getpid()}-{len(list(folder.glob('job-*')))}.json"
+    # A unique name: callers run several children at once from threads, and a
+    # name counted from the folder's listing would let two of them share a job.
+    job = folder / f"job-{os.getpid()}-{uuid.uuid4().hex}.json"
     progress = job.with_suffix(".progress")
     job.write_text(json.dumps({"files": [str(f) for f in files], "progress": str(progress)}))
     try:
