@@ -117,6 +117,21 @@ async def test_augment_making_a_child_key_twice_is_an_error() -> None:
         await Twice(DictDataset({3: 30})).query_item((3, 0))
 
 
+async def test_a_repeated_child_key_past_the_first_root_is_an_error() -> None:
+    class Late(AugmentedDataset[tuple[int, int], int]):
+        def augment(self, root_key: int, root_item: int) -> Any:
+            yield (root_key, 0), root_item
+            if root_key == 3:
+                yield (root_key, 0), root_item  # the same root, twice
+            if root_key == 2:
+                yield (1, 0), root_item  # root 1's child, made again by root 2
+
+    with pytest.raises(ValueError, match=r"made child key \(3, 0\) twice from root key 3"):
+        await Late(DictDataset({1: 10, 3: 30})).keys.all()
+    with pytest.raises(ValueError, match=r"child key \(1, 0\) from root keys 1 and 2"):
+        await Late(DictDataset({1: 10, 2: 20})).keys.all()
+
+
 async def test_keys_all_returns_a_new_list_to_shuffle() -> None:
     ds = DictDataset(SEED)
     keys = await ds.keys.all()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from collections import deque
 from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any, TypeVar, cast
 
@@ -163,16 +163,15 @@ class AugmentedDataset(Derived[K, V]):
             self._check_roots(root_key, children)
         return children
 
-    async def _augment_one(self, root_key: Any, root_item: Any) -> dict[K, V]:
-        """The children of one root, by child key, in the order ``augment`` made them."""
+    async def _augment_one(self, root_key: Any, root_item: Any) -> list[tuple[K, V]]:
+        """The ``(child_key, child_item)`` pairs of one root, as ``augment`` made them."""
         made: Any = None
         try:
             made = self.augment(root_key, root_item)
             if inspect.isawaitable(made):
                 made = await made
             is_async = isinstance(made, AsyncIterable)
-            pairs = [pair async for pair in made] if is_async else list(made)
-            return self._children(root_key, pairs)
+            return [pair async for pair in made] if is_async else list(made)
         except Exception as exc:
             if made is not None and not isinstance(made, Iterable | AsyncIterable):
                 error = self._not_pairs(made)
@@ -181,22 +180,39 @@ class AugmentedDataset(Derived[K, V]):
             self._note(exc, root_key)
             raise
 
-    async def _load_roots(self, root_keys: list[Any]) -> list[dict[K, V]]:
-        """Fetch roots in one parent call and augment them: the one path to children."""
+    async def _load_roots(self, root_keys: list[Any]) -> list[list[tuple[K, V]]]:
+        """Fetch roots in one parent call and augment them: the one path to children.
+
+        Returns each root's pairs as made; callers index them as they need
+        (one mapping of every child for key discovery, one per root for
+        queries), which also checks that child keys are unique.
+        """
         items = await self._parent_items(root_keys)
         pool = self._pool
         if pool is not None and not (self._async_augment and pool.in_threads):
-            return await self._augment_in_pool(pool, root_keys, items)
-        if self._async_augment:
-            return await map_ordered(
+            made = await self._augment_in_pool(pool, root_keys, items)
+        elif self._async_augment:
+            made = await map_ordered(
                 lambda index: self._augment_one(root_keys[index], items[index]),
                 range(len(root_keys)),
                 len(root_keys),
                 self,
             )
-        return self._augment_all(root_keys, items)
+        else:
+            made = self._augment_all(root_keys, items)
+        if not self._roots_checked:
+            for root_key, pairs in zip(root_keys, made, strict=True):
+                if pairs:
+                    self._check_roots(root_key, self._children(root_key, pairs))
+                    break
+        return made
 
-    def _augment_all(self, root_keys: list[Any], items: list[Any]) -> list[dict[K, V]]:
+    async def _load_root_groups(self, root_keys: list[Any]) -> list[dict[K, V]]:
+        """The children of each root, by child key: what queries look up."""
+        made = await self._load_roots(root_keys)
+        return [self._children(k, pairs) for k, pairs in zip(root_keys, made, strict=True)]
+
+    def _augment_all(self, root_keys: list[Any], items: list[Any]) -> list[list[tuple[K, V]]]:
         """Plain ``augment``: every root of the batch in C-level passes, no await per root."""
         made: list[list[tuple[K, V]]] = []
         try:
@@ -211,16 +227,11 @@ class AugmentedDataset(Derived[K, V]):
                 raise error from None
             self._note(exc, root_key)
             raise
-        groups = list(map(dict, made))
-        if sum(map(len, groups)) != sum(map(len, made)) or not self._roots_checked:
-            # A repeated child key, or the first root to check against root_key().
-            for root_key, pairs in zip(root_keys, made, strict=True):
-                self._children(root_key, pairs)
-        return groups
+        return made
 
     async def _augment_in_pool(
         self, pool: WorkerPool, root_keys: list[Any], items: list[Any]
-    ) -> list[dict[K, V]]:
+    ) -> list[list[tuple[K, V]]]:
         if self._shipped is None:
             copy = self._for_workers()
             self._shipped = _ExpandAsync(copy) if self._async_augment else _Expand(copy)
@@ -232,7 +243,7 @@ class AugmentedDataset(Derived[K, V]):
             self._shipped, list(zip(root_keys, items, strict=True)), keys=root_keys,
             on_error=noted,
         )
-        return [self._children(k, pairs) for k, pairs in zip(root_keys, groups, strict=True)]
+        return [list(pairs) for pairs in groups]
 
     def _for_workers(self) -> AugmentedDataset[K, V]:
         """A copy of this dataset for the workers to call ``augment`` on: its
@@ -258,15 +269,17 @@ class AugmentedDataset(Derived[K, V]):
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
         root_keys = list(root_keys)
-        groups = await self._load_roots(root_keys)
-        children: dict[K, V] = {}
-        deque(map(children.update, groups), maxlen=0)
-        if len(children) != sum(map(len, groups)):
-            self._shared_child(root_keys, groups)
+        made = await self._load_roots(root_keys)
+        # One mapping of every child, in one C-level pass: the hot path of discovery.
+        children: dict[K, V] = dict(chain.from_iterable(made))
+        if len(children) != sum(map(len, made)):
+            self._shared_child(root_keys, made)
         self._discovered.add(children, self.keys.reach)
         return list(children)
 
-    def _shared_child(self, root_keys: list[Any], groups: list[dict[K, V]]) -> None:
+    def _shared_child(self, root_keys: list[Any], made: list[list[tuple[K, V]]]) -> None:
+        """Raise for the child key that two roots, or one root twice, made."""
+        groups = [self._children(k, pairs) for k, pairs in zip(root_keys, made, strict=True)]
         owner: dict[K, Any] = {}
         for root_key, group in zip(root_keys, groups, strict=True):
             for child_key in group:
@@ -285,6 +298,20 @@ class AugmentedDataset(Derived[K, V]):
             f"{key!r} is not a key of this {type(self).__name__}: augment() does not "
             f"make it from root key {root_key!r} (the root its root_key() names)"
         )
+
+    async def query_item(self, key: K) -> V:
+        """The child ``key``: held since its key was derived, else from its root.
+
+        The one-key form of :meth:`query_items`, without building lists: a loop
+        of ``query_item`` over freshly derived keys spends most of its time here
+        (benchmark W1, key by key).
+        """
+        value = self._discovered.newest.get(key, MISSING)
+        if value is MISSING:
+            value = self._discovered.get(key)
+            if value is MISSING:
+                return (await self._query_roots([key]))[0]
+        return value
 
     async def query_items(
         self, keys: Sequence[K], concurrency: int | None = None
@@ -307,7 +334,7 @@ class AugmentedDataset(Derived[K, V]):
         else:
             root_keys = list(map(self.root_key, keys))
         unique = list(dict.fromkeys(root_keys))
-        groups = dict(zip(unique, await self._roots.load_many(unique, self._load_roots),
+        groups = dict(zip(unique, await self._roots.load_many(unique, self._load_root_groups),
                           strict=True))
         try:
             return [groups[root_key][key] for key, root_key in zip(keys, root_keys, strict=True)]
