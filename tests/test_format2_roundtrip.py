@@ -94,7 +94,8 @@ def test_header_and_footer_are_as_documented(path: Path) -> None:
     assert csum is not None
     assert (magic, version, flags) == (b"\x89MLWDS\r\n", 2, 0)
     assert crc == csum(data[:60])
-    fields = FOOTER.unpack_from(data, len(data) - FOOTER_SIZE)
+    assert data[len(data) - FOOTER_SIZE:len(data) - FOOTER_SIZE + 64] == data[:64]  # the copy
+    fields = FOOTER.unpack_from(data, len(data) - FOOTER_SIZE + 64)
     index_offset, count = fields[:2]
     assert count == len(ITEMS)
     assert fields[-1] == b"MLWDSEND"

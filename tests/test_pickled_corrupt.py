@@ -22,7 +22,9 @@ from mlworkflow_async import (
     PickledFileError,
     UnsupportedVersionError,
 )
+from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format import TRAILER, TRAILER_SIZE
+from mlworkflow_async._store._format2 import FOOTER_SIZE, HEADER2
 from mlworkflow_async.exceptions import KeyClassNotFoundError
 
 from ._pickled_util import Key, assert_same, small_items, write_file, write_original_file
@@ -262,6 +264,38 @@ def test_unknown_header_flags_or_reserved_bytes(good_file: Path, offset: int, va
     with pytest.raises(UnsupportedVersionError, match=r"good\.pkl sets header flags") as info:
         PickledDataset(good_file)
     assert info.value.path == str(good_file)
+
+
+def _set_header_bytes(path: Path, offset: int, value: int, copy_too: bool) -> None:
+    """Change one byte of a format 2 header with its checksums made right again:
+    a file a newer writer could have written (or, without the copy, a damaged one)."""
+    data = bytearray(path.read_bytes())
+    csum = checksum_function(HEADER2.unpack_from(data)[3])
+    assert csum is not None
+    starts = [0, len(data) - FOOTER_SIZE] if copy_too else [0]
+    for start in starts:
+        data[start + offset] = value
+        data[start + 60:start + 64] = struct.pack("<I", csum(bytes(data[start:start + 60])))
+    end = len(data) - 12
+    data[end:end + 4] = struct.pack("<I", csum(bytes(data[len(data) - FOOTER_SIZE:end])))
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(("offset", "value"), [(12, 1), (15, 0x80), (20, 1), (59, 0xFF)])
+def test_format2_unknown_header_flags_or_reserved_bytes(
+    tmp_path: Path, offset: int, value: int
+) -> None:
+    path = tmp_path / "two.pkl"
+    write_file(path, ITEMS)
+    _set_header_bytes(path, offset, value, copy_too=True)
+    with pytest.raises(UnsupportedVersionError, match=r"two\.pkl sets header flags") as info:
+        PickledDataset(path)
+    assert info.value.path == str(path)
+    # Changed in the header alone, the file disagrees with itself: damaged.
+    write_file(path, ITEMS)
+    _set_header_bytes(path, offset, value, copy_too=False)
+    with pytest.raises(CorruptFileError, match="header and the copy in its footer differ"):
+        PickledDataset(path)
 
 
 def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,6 +152,19 @@ async def test_a_file_larger_than_the_bound_is_read_from_the_server(
         assert server.faults.requests  # not cached
 
 
+async def test_a_range_larger_than_the_bound_is_not_stored(
+    server: RangeServer, tmp_path: Path
+) -> None:
+    # One request fetches far more than the bound: none of it may be kept.
+    async with await PickledDataset.open(
+        server.url("small.pkl"), cache_dir=tmp_path, cache_size=4096, gap=1 << 30, tail=1024
+    ) as ds:
+        assert len(await _epoch(ds, 1)) == N
+        (cache,) = _cache_files(tmp_path)
+        stored = os.stat(cache).st_blocks * 512
+    assert stored <= 4096 + os.statvfs(tmp_path).f_bsize  # the table of blocks at most
+
+
 async def test_a_changed_file_gets_a_new_cache_file(
     server: RangeServer, folder: Path, tmp_path: Path
 ) -> None:

@@ -109,11 +109,24 @@ async def test_opening_a_file_whose_index_fits_in_the_last_bytes_is_one_request(
         assert server.faults.ranged("points.pkl") == ["bytes=-65536"]
 
 
-async def test_opening_reads_the_end_of_the_file_first(server: RangeServer) -> None:
-    # A format 1 file keeps its header at the start: one more request when
-    # the file is larger than the bytes fetched first.
-    async with await PickledDataset.open(server.url("small.pkl")):
+async def test_opening_a_large_file_is_two_requests(server: RangeServer, folder: Path) -> None:
+    # The last bytes (the footer holds a copy of the header), then the index
+    # region, which does not fit in the 4 KiB fetched first.
+    size = (folder / "small.pkl").stat().st_size
+    async with await PickledDataset.open(server.url("small.pkl"), tail=4096) as ds:
         ranges = server.faults.ranged("small.pkl")
+        assert len(await ds.keys.all()) == N
+    assert ranges[0] == "bytes=-4096"
+    assert len(ranges) == 2
+    start, stop = map(int, ranges[1].removeprefix("bytes=").split("-"))
+    assert 64 < start < stop < size  # the index region, not the header
+
+
+async def test_opening_a_format1_file_reads_its_header_too(server: RangeServer) -> None:
+    # Format 1 keeps its header at the start: one more request when the
+    # file is larger than the bytes fetched first.
+    async with await PickledDataset.open(server.url("small1.pkl")):
+        ranges = server.faults.ranged("small1.pkl")
     assert ranges[0] == "bytes=-65536"
     assert ranges[1] == "bytes=0-63"
     assert len(ranges) <= 3

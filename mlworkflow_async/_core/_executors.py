@@ -722,7 +722,12 @@ class WorkerPool:
             )
             if progress != -1 and not finished:
                 running.append((candidate, progress, pid))
-        culprits = [r for r in running if r[2] in dead] or (running if len(running) == 1 else [])
+        culprits = [r for r in running if r[2] in dead]
+        # A death already told for this pool outranks a guess: the chunk that
+        # caused it may have left the running ones before this call looks.
+        told = broken and self._death is not None and self._death[0] is executor
+        if not culprits and not told and len(running) == 1:
+            culprits = running
         found: _Chunk | None = None
         if culprits:
             found, progress, pid = culprits[0]
@@ -735,8 +740,8 @@ class WorkerPool:
             if broken:
                 # Calls that see the same death later may no longer find the chunk.
                 self._death = (executor, cause)
-        elif broken and self._death is not None and self._death[0] is executor:
-            cause = self._death[1]
+        elif told:
+            cause = self._death[1]  # type: ignore[index]
         else:
             cause = (
                 f"a worker process died while running {describe(chunk.fn)} on {chunk.name(0)} "

@@ -51,11 +51,14 @@ Index region, from the end of the last item, parts back to back
        parts 1 to 8 (the last block may be shorter), so that a reader
        checks only the blocks it touches.
 
-Footer, the last 80 bytes
-    index offset, count, table length, extended rows, buffer rows, key
-    bytes length, context length (u64 each), the checksum of the block
-    checksums (u32), width (u32), block size (u32), the checksum of the
-    footer's first 68 bytes (u32), and the end magic ``b"MLWDSEND"``.
+Footer, the last 144 bytes
+    a copy of the 64-byte header, then index offset, count, table length,
+    extended rows, buffer rows, key bytes length, context length (u64
+    each), the checksum of the block checksums (u32), width (u32), block
+    size (u32), the checksum of the footer's first 132 bytes (u32), and
+    the end magic ``b"MLWDSEND"``. With the header's copy at hand, a
+    remote file opens from its last bytes and its index region: two
+    requests at most, one when the index fits in the first.
 
 Opening reads the header and footer, then maps (or reads, for a remote
 file) the index region: nothing is built per key. A lookup pickles the key,
@@ -99,8 +102,9 @@ __all__ = [
 
 VERSION2 = 2
 HEADER2 = struct.Struct("<8sIII40xI")
+#: The footer's fields, after its copy of the header.
 FOOTER = struct.Struct("<QQQQQQQIIII8s")
-FOOTER_SIZE = FOOTER.size
+FOOTER_SIZE = 64 + FOOTER.size
 END_MAGIC = b"MLWDSEND"
 ENTRY = struct.Struct("<QII")
 EXT = struct.Struct("<QQQ")
@@ -515,7 +519,7 @@ class Encoder2:
         self.close()
         blocks = hasher.finish()
         write([blocks])
-        footer = FOOTER.pack(
+        footer = header2(self.algorithm) + FOOTER.pack(
             self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
             self._key_total, len(context_blob), csum(blocks), width, BLOCK, 0, END_MAGIC,
         )

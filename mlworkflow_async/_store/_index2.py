@@ -85,14 +85,29 @@ class Footer(NamedTuple):
     region_length: int
 
 
-def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
-    """Check the header and footer of a format 2 file of ``size`` bytes."""
-    if size < HEADER2.size + FOOTER_SIZE or len(head) < HEADER2.size or len(foot) < FOOTER_SIZE:
+def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Footer:
+    """Check the header and footer of a format 2 file of ``size`` bytes.
+
+    ``head`` is the file's first 64 bytes, or None where reading them would
+    cost another request: the footer's copy of the header stands in.
+    """
+    if size < HEADER2.size + FOOTER_SIZE or len(foot) < FOOTER_SIZE or (
+        head is not None and len(head) < HEADER2.size
+    ):
         raise corrupt(
             name, "its end-of-file marker is missing: it is truncated, or its writer was "
             "interrupted"
         )
-    magic, version, _flags, algorithm, head_crc = HEADER2.unpack_from(head)
+    fields = FOOTER.unpack_from(foot, HEADER2.size)
+    if fields[-1] != END_MAGIC:
+        raise corrupt(
+            name, "its end-of-file marker is missing: it is truncated, or its writer was "
+            "interrupted"
+        )
+    copy = bytes(foot[:HEADER2.size])
+    if head is None:
+        head = copy
+    magic, version, flags, algorithm, head_crc = HEADER2.unpack_from(head)
     if magic != MAGIC or version != VERSION2:
         raise corrupt(name, "its header is not that of format 2")
     csum = checksum_function(algorithm)
@@ -106,14 +121,18 @@ def parse_footer(name: str, size: int, head: bytes, foot: bytes) -> Footer:
         )
     if csum(head[: HEADER2.size - 4]) != head_crc:
         raise corrupt(name, "its header is damaged (checksum mismatch)")
-    fields = FOOTER.unpack_from(foot)
-    if fields[-1] != END_MAGIC:
-        raise corrupt(
-            name, "its end-of-file marker is missing: it is truncated, or its writer was "
-            "interrupted"
-        )
     if csum(foot[: FOOTER_SIZE - 12]) != fields[-2]:
         raise corrupt(name, "its footer is damaged (checksum mismatch)")
+    if bytes(head[:HEADER2.size]) != copy:
+        raise corrupt(name, "its header and the copy in its footer differ")
+    reserved = bytes(head[20:HEADER2.size - 4])
+    if flags or reserved.strip(b"\0"):
+        # Set by a newer writer: reading as if they were not could be wrong.
+        raise UnsupportedVersionError(
+            f"{name} sets header flags this version does not know (flags {flags:#x}, "
+            f"reserved bytes {reserved.hex() if reserved.strip(bytes(1)) else 'zero'}): it "
+            f"was written by a newer version of mlworkflow-async, or is damaged", name
+        )
     (index_offset, count, table_length, ext_count, row_count, keys_length, context_length,
      blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):

@@ -75,7 +75,7 @@ class RangeCache:
                 os.ftruncate(self.fd, length)  # never shrinks what another process wrote
             os.utime(self.fd)
             self._refresh(0, self.blocks)
-            self._bound()
+            self._bound(0)
         except BaseException:
             os.close(self.fd)
             raise
@@ -154,6 +154,11 @@ class RangeCache:
         if stop <= first:
             return
         view = memoryview(data)[:min(len(data), (stop - first) * self.block)]
+        if self._usage + len(view) > self.limit:
+            # Make room first: bytes past the bound are never stored, even once.
+            self._bound(len(view))
+            if self.full:
+                return
         try:
             done = 0
             while done < len(view):
@@ -166,11 +171,9 @@ class RangeCache:
             raise
         self.present[first:stop] = b"\1" * (stop - first)
         self._usage += len(view)
-        if self._usage > self.limit:
-            self._bound()
 
-    def _bound(self) -> None:
-        """Delete the least recently used cache files while the folder is over its bound."""
+    def _bound(self, adding: int) -> None:
+        """Delete the least recently used cache files until ``adding`` more bytes fit."""
         files: list[tuple[float, int, str]] = []
         with os.scandir(self.folder) as entries:
             for entry in entries:
@@ -179,7 +182,7 @@ class RangeCache:
                 with contextlib.suppress(OSError):
                     info = entry.stat()
                     files.append((info.st_mtime, info.st_blocks * 512, entry.path))
-        used = sum(usage for _, usage, _ in files)
+        used = sum(usage for _, usage, _ in files) + adding
         files.sort()
         for _, usage, path in files:
             if used <= self.limit:
@@ -189,7 +192,7 @@ class RangeCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             used -= usage
-        self._usage = used
+        self._usage = used - adding
         if used > self.limit:
             self.full = True
 

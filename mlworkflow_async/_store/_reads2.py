@@ -58,9 +58,12 @@ class ByteSource(Protocol):
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Any]: ...
 
 
-async def open_index(source: ByteSource, head: bytes, loads: Callable[..., Any]) -> Index2:
+async def open_index(
+    source: ByteSource, head: bytes | None, loads: Callable[..., Any]
+) -> Index2:
     """The index of a format 2 file read through ``source``: one read of the footer, one of
-    the index region (``head`` is its first 64 bytes, already read)."""
+    the index region (``head`` is its first 64 bytes if already read, else None: the
+    footer holds a copy)."""
     (foot,) = await source.read_ranges([(source.size - FOOTER_SIZE, FOOTER_SIZE)])
     footer = parse_footer(source.name, source.size, head, bytes(foot))
     (region,) = await source.read_ranges([(footer.index_offset, footer.region_length)])

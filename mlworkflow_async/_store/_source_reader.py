@@ -24,10 +24,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..exceptions import RemoteFileError
+from ..exceptions import CorruptFileError, RemoteFileError
 from ._format import HEADER_SIZE, MAGIC, MAP_THRESHOLD, Layout, check_header, corrupt, item_error
 from ._format import parse as parse_index
-from ._format2 import VERSION2
+from ._format2 import END_MAGIC, FOOTER_SIZE, HEADER2, VERSION2
 from ._index2 import Index2, MemoryIndex
 from ._legacy import looks_legacy, parse_legacy
 from ._reads import INLINE_BYTES
@@ -219,6 +219,26 @@ class _Format2(BaseException):
         self.head = head
 
 
+async def _format2_from_tail(source: RemoteSource, loads: Any) -> Index2 | None:
+    """A format 2 index from the bytes fetched at open, and one request for its region.
+
+    The footer holds a copy of the header, so the file's first bytes are not
+    needed (they are compared with it when they came with the last bytes).
+    None when the last bytes are not a format 2 footer: the caller then
+    reads the header and decides.
+    """
+    size = source.size
+    foot = source.peek(size - FOOTER_SIZE, FOOTER_SIZE) if size >= FOOTER_SIZE else None
+    if foot is None or not foot.endswith(END_MAGIC) or not foot.startswith(MAGIC):
+        return None
+    if int.from_bytes(foot[8:12], "little") != VERSION2:
+        return None
+    try:
+        return await open_index(source, source.peek(0, HEADER2.size), loads)
+    except CorruptFileError:
+        return None  # bytes that only looked like a footer: read the header
+
+
 async def _read_index(
     source: RemoteSource, safe: bool, allow: tuple[object, ...]
 ) -> Index2 | MemoryIndex:
@@ -253,6 +273,9 @@ async def _read_index(
             "the original mlworkflow)"
         )
 
+    index = await _format2_from_tail(source, loads)
+    if index is not None:
+        return index
     while True:
         try:
             return MemoryIndex(await anyio.to_thread.run_sync(parse))
