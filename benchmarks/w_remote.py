@@ -164,6 +164,9 @@ async def _measure(
     per_ours, per_local = ours / n, local_epoch / n
     crossover = download / (per_ours - per_local) if per_ours > per_local else float("inf")
     return [
+        Row(f"WR0 requests to open a {os.path.getsize(local_path) >> 10:,} KiB file",
+            "requests", opening, 2.0, "the limit (last bytes, then the index)", 1.0,
+            higher_is_better=False),
         Row("WR1 shuffled epoch over HTTP, 2 ms/request", "items/s", ours_rate,
             rate(sample, per_item), "one blocking request per item", 10.0),
         Row("WR1b same", "items/s", ours_rate, rate(sample * 4, threaded),
