@@ -141,6 +141,7 @@ async def _measure(
     async with await PickledDataset.open(url) as ds:
         stats: Any = ds._reader.source.stats  # type: ignore[union-attr]
         opening = stats.requests
+        size = ds._reader.size
         ours = await _epoch(ds, order)
         requests = stats.requests - opening
         fetched, needed = stats.bytes_fetched, stats.bytes_needed
@@ -164,7 +165,7 @@ async def _measure(
     per_ours, per_local = ours / n, local_epoch / n
     crossover = download / (per_ours - per_local) if per_ours > per_local else float("inf")
     return [
-        Row(f"WR0 requests to open a {os.path.getsize(local_path) >> 10:,} KiB file",
+        Row(f"WR0 requests to open a {size >> 10:,} KiB file",
             "requests", opening, 2.0, "the limit (last bytes, then the index)", 1.0,
             higher_is_better=False),
         Row("WR1 shuffled epoch over HTTP, 2 ms/request", "items/s", ours_rate,

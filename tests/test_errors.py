@@ -132,6 +132,28 @@ async def test_a_repeated_child_key_past_the_first_root_is_an_error() -> None:
         await Late(DictDataset({1: 10, 2: 20})).keys.all()
 
 
+async def test_an_augment_failing_past_the_first_roots_names_its_root() -> None:
+    class Failing(AugmentedDataset[tuple[int, int], int]):
+        def augment(self, root_key: int, root_item: int) -> Any:
+            if root_key == 15:
+                raise ValueError("bad root")
+            yield (root_key, 0), root_item
+
+    class NotPairs(AugmentedDataset[tuple[int, int], int]):
+        def augment(self, root_key: int, root_item: int) -> Any:
+            if root_key == 12:
+                return 3
+            return iter([((root_key, 0), root_item)])
+
+    roots = DictDataset({i: i for i in range(40)})
+    with pytest.raises(ValueError, match="bad root") as failed:
+        await Failing(roots).keys.all()
+    assert any("root key 15 in Failing.augment()" in note for note in failed.value.__notes__)
+    with pytest.raises(TypeError, match=r"augment\(\) returned int") as wrong:
+        await NotPairs(roots).keys.all()
+    assert any("root key 12" in note for note in wrong.value.__notes__)
+
+
 async def test_keys_all_returns_a_new_list_to_shuffle() -> None:
     ds = DictDataset(SEED)
     keys = await ds.keys.all()

@@ -6,7 +6,7 @@ import inspect
 from abc import abstractmethod
 from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
 from itertools import chain
-from operator import itemgetter
+from operator import itemgetter, length_hint
 from typing import Any, TypeVar, cast
 
 from .._core._callables import is_async_callable
@@ -269,13 +269,40 @@ class AugmentedDataset(Derived[K, V]):
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
         root_keys = list(root_keys)
-        made = await self._load_roots(root_keys)
-        # One mapping of every child, in one C-level pass: the hot path of discovery.
-        children: dict[K, V] = dict(chain.from_iterable(made))
-        if len(children) != sum(map(len, made)):
-            self._shared_child(root_keys, made)
+        if self._roots_checked and self._pool is None and not self._async_augment:
+            # The hot path of discovery (benchmark W1): every root's generator
+            # drained into one list in one C-level pass, with no list per root.
+            items = await self._parent_items(root_keys)
+            pairs = self._augment_flat(root_keys, items)
+            children: dict[K, V] = dict(pairs)
+            if len(children) != len(pairs):
+                # To name the roots, augment them again one by one (errors only).
+                self._shared_child(root_keys, self._augment_all(root_keys, items))
+        else:
+            made = await self._load_roots(root_keys)
+            children = dict(chain.from_iterable(made))
+            if len(children) != sum(map(len, made)):
+                self._shared_child(root_keys, made)
         self._discovered.add(children, self.keys.reach)
         return list(children)
+
+    def _augment_flat(self, root_keys: list[Any], items: list[Any]) -> list[tuple[K, V]]:
+        """The pairs of every root, one after the other, as :meth:`_augment_all` makes them."""
+        augment = cast(Callable[[Any, Any], Iterable[tuple[K, V]]], self.augment)
+        remaining = iter(root_keys)
+        try:
+            return list(chain.from_iterable(map(augment, remaining, items)))
+        except Exception as exc:
+            # map() takes a root as chain() needs its generator: the last one taken failed.
+            index = len(root_keys) - length_hint(remaining) - 1
+            if isinstance(exc, TypeError):
+                result = self.augment(root_keys[index], items[index])
+                if not isinstance(result, Iterable):
+                    error = self._not_pairs(result)
+                    self._note(error, root_keys[index])
+                    raise error from None
+            self._note(exc, root_keys[index])
+            raise
 
     def _shared_child(self, root_keys: list[Any], made: list[list[tuple[K, V]]]) -> None:
         """Raise for the child key that two roots, or one root twice, made."""

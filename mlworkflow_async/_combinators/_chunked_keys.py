@@ -31,9 +31,8 @@ from collections.abc import (
 from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
 
-import anyio
-
 from .._core._keys import KeySequence
+from .._core._portal import new_event
 from ._memo import MISSING, _Missing
 
 __all__ = ["ChunkedKeySequence", "Discovered", "DerivedKeyChunks", "flatten_chunks"]
@@ -68,7 +67,7 @@ class ChunkedKeySequence(KeySequence[K]):
         if pulling is not None:
             await pulling.wait()
             return
-        pulling = self._pulling = anyio.Event()
+        pulling = self._pulling = new_event()
         try:
             # The base types its source as yielding keys; this one yields chunks.
             source = cast(AsyncIterator[Sequence[K]], self._aiter)

@@ -44,7 +44,7 @@ import anyio.lowlevel
 
 from ..exceptions import TooManyFailuresError
 from ._order import KnownOrder, StreamedOrder
-from ._portal import running_loop_library
+from ._portal import EventLike, new_event, running_loop_library
 
 __all__ = ["Engine", "Failure", "StreamStats", "add_key_note", "map_ordered"]
 
@@ -220,10 +220,10 @@ class Engine(Generic[K]):
         self._cancelled: type[BaseException] = asyncio.CancelledError
         # Made by _start(), inside the event loop that runs the stream.
         # Made only when someone waits: events are the cost of a wait, not of a unit.
-        self._progress: anyio.Event | None = None
+        self._progress: EventLike | None = None
         # Workers waiting for room, woken one at a time (see _wait_for_room).
-        self._room_waiters: deque[anyio.Event] = deque()
-        self._all_ended: anyio.Event
+        self._room_waiters: deque[EventLike] = deque()
+        self._all_ended: EventLike
 
     # -- the consumer side -------------------------------------------------
 
@@ -261,7 +261,7 @@ class Engine(Generic[K]):
                 raise StopAsyncIteration
             if waited_from is None:
                 waited_from = time.perf_counter()
-            progress = self._progress = anyio.Event()
+            progress = self._progress = new_event()
             await progress.wait()
             self._progress = None
 
@@ -320,7 +320,7 @@ class Engine(Generic[K]):
 
     def _start(self) -> None:
         self._started = True
-        self._keys_pending: anyio.Event | None = None
+        self._keys_pending: EventLike | None = None
         library = running_loop_library()
         if library is None:
             raise RuntimeError("mlworkflow_async streams must be iterated inside an event loop")
@@ -332,7 +332,7 @@ class Engine(Generic[K]):
         else:
             import trio
 
-            self._all_ended = anyio.Event()
+            self._all_ended = new_event()
             self._running = self._n_workers
             for _ in range(self._n_workers):
                 trio.lowlevel.spawn_system_task(self._scoped, work)
@@ -385,7 +385,7 @@ class Engine(Generic[K]):
         claims and finds room left wakes the next, so I/O-bound workers all
         get going and a worker that never suspends fills the room alone.
         """
-        room = anyio.Event()
+        room = new_event()
         self._room_waiters.append(room)
         try:
             await room.wait()
@@ -439,7 +439,7 @@ class Engine(Generic[K]):
             if isinstance(order, KnownOrder):
                 keys = order.unit_keys(index)  # no await: claims cannot interleave
             else:
-                pending = self._keys_pending = anyio.Event()
+                pending = self._keys_pending = new_event()
                 try:
                     keys = await order.unit_keys(index)
                 except self._cancelled:

@@ -19,6 +19,7 @@ import anyio
 import anyio.lowlevel
 
 from ..exceptions import KeysNotReadyError
+from ._portal import EventLike, new_event
 
 K = TypeVar("K")
 
@@ -73,7 +74,7 @@ class KeySequence(Generic[K]):
         self._aiter: AsyncIterator[K] | None = None
         self._aiter_loop: object = None  # the event loop (or trio run) iterating _aiter
         self._skip = 0
-        self._pulling: anyio.Event | None = None
+        self._pulling: EventLike | None = None
 
     # -- state -----------------------------------------------------------
 
@@ -259,7 +260,7 @@ class KeySequence(Generic[K]):
             self._restart()
             self._start()
             self._aiter_loop = loop
-        pulling = self._pulling = anyio.Event()
+        pulling = self._pulling = new_event()
         try:
             assert self._aiter is not None
             while True:

@@ -25,7 +25,9 @@ import contextlib
 import os
 import sys
 import threading
+from typing import Any, Protocol
 
+import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, BlockingPortalProvider
 
@@ -80,6 +82,30 @@ def running_loop_library() -> str | None:
     if trio is not None and trio.lowlevel.in_trio_run():
         return "trio"
     return None
+
+
+class EventLike(Protocol):
+    """What :func:`new_event` returns, whichever library runs."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+def new_event() -> EventLike:
+    """An event for the running loop: ``asyncio.Event`` under asyncio, else ``anyio.Event``.
+
+    Both have ``set()``, ``is_set()`` and ``await wait()``. ``anyio.Event()``
+    asks sniffio which library runs at each creation, which costs more than
+    the event; the engine and key sequences make one per wait.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event()
+    return asyncio.Event()
 
 
 def _blocking_allowed() -> bool:
