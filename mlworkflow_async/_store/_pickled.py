@@ -22,8 +22,9 @@ The full description, field by field, is in
   table of the keys' pickled bytes with one fingerprint byte per slot, rows
   for items with several buffers, the keys' pickles, the context, and a
   checksum of every 4096-byte block of the region.
-- Footer, the last 80 bytes: counts and lengths of the parts, the checksum
-  of the block checksums, its own checksum, and ``b"MLWDSEND"``.
+- Footer, the last 144 bytes: a copy of the header (so that a remote file
+  opens from its last bytes), counts and lengths of the parts, the
+  checksum of the block checksums, its own checksum, and ``b"MLWDSEND"``.
 
 Opening reads the header and footer and maps the index region: nothing is
 built per key, whatever the number of items. Keys are found by their
