@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from mlworkflow_async import DictDataset, PickledDataset
 from mlworkflow_async._core import _collate
 from mlworkflow_async._store import _format2
+from mlworkflow_async._store._batch_buffers import BatchBuffers
 from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format2 import FOOTER, FOOTER_SIZE, HEADER2, key_bytes
 from mlworkflow_async._store._reads2 import Reader2
@@ -192,6 +194,46 @@ async def test_batches_of_large_arrays_are_read_into_place(tmp_path: Path) -> No
         got = [batch async for _, batch in ds.batches(4, keys=keys)]
         assert calls == [4, 4]  # batches() reads them into place too
         np.testing.assert_array_equal(np.concatenate(got), np.stack([arrays[k] for k in keys]))
+
+
+async def test_batches_held_by_the_user_keep_their_data(tmp_path: Path) -> None:
+    # Batch memory is recycled, but only once nothing views it any more.
+    arrays = {i: np.full((64, 1024), i, np.float32) for i in range(12)}
+    target = tmp_path / "arrays.pkl"
+    await PickledDataset.create(DictDataset(arrays), target)
+    async with await PickledDataset.open(target) as ds:
+        kept = []
+        async for keys, batch in ds.batches(2, keys=list(range(12))):
+            kept.append((keys, batch[1][3:5].reshape(-1)))  # a view of a view, batch dropped
+        for keys, row in kept:
+            np.testing.assert_array_equal(row, np.full(2 * 1024, keys[1], np.float32))
+        first = await ds.query(list(range(4)))
+        address = first.ctypes.data
+        del first  # the buffer comes back...
+        later = await ds.query(list(range(4, 8)))
+        assert later.ctypes.data == address  # ...and the next batch of its size reuses it
+        np.testing.assert_array_equal(later, np.stack([arrays[k] for k in range(4, 8)]))
+
+
+def test_batch_buffers_are_taken_back_only_after_their_last_view() -> None:
+    pool = BatchBuffers(keep=1)
+    a = pool.take(64)
+    view = a.reshape(8, 8)[2:].view(np.int32)  # derived views keep the batch alive
+    address = a.ctypes.data
+    del a
+    gc.collect()
+    b = pool.take(64)
+    assert b.ctypes.data != address  # still viewed: not handed out again
+    view[:] = 7
+    b[:] = 0
+    assert (view == 7).all()
+    del view
+    gc.collect()
+    assert pool.take(64).ctypes.data == address  # no view left: recycled
+    pool.close()
+    del b
+    gc.collect()
+    assert pool._held == 0  # a closed pool keeps nothing
 
 
 async def test_into_place_gives_up_on_items_that_are_not_plain_arrays(tmp_path: Path) -> None:

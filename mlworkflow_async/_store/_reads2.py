@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _page_cache as pages
 from . import _reads
+from ._batch_buffers import BatchBuffers
 from ._format import MAGIC, corrupt, item_error
 from ._format2 import FOOTER_SIZE, HEADER2, MAP_THRESHOLD
 from ._index2 import Entry2, Index2, parse_footer
@@ -142,6 +143,11 @@ class Reader2(_reads.FileReader):
         self._generation = _reads._generation
         self._since_yield = 0
         self._checked: set[int] = set()  # offsets of items whose mapped arrays were hashed
+        self._batch_buffers = BatchBuffers()
+
+    def close(self) -> None:
+        self._batch_buffers.close()
+        super().close()
 
     # -- reads -------------------------------------------------------------
 
@@ -354,7 +360,7 @@ class Reader2(_reads.FileReader):
     def _into_place(
         self, handle: _reads._Handle, keys: Sequence[Any], entries: list[Entry2], size: int
     ) -> Any:
-        batch = np.empty(len(entries) * size, dtype=np.uint8)
+        batch = self._batch_buffers.take(len(entries) * size)
         rows = memoryview(batch.data)
         csum, fd = self.csum, handle.fd
         first: Any = None
