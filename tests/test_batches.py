@@ -10,6 +10,7 @@ import pytest
 
 from mlworkflow_async import Dataset, DictDataset
 from mlworkflow_async._core import _engine as _batching
+from mlworkflow_async._core._order import KnownOrder
 from tests.conftest import wait_until
 
 
@@ -254,3 +255,32 @@ async def test_in_memory_bulk_reads_let_the_loop_turn_between_batches(
     # Each worker yields after every batch: the loop turns at least once per
     # batch per worker, not once per window of batches.
     assert 1 <= most_between_turns <= 2
+
+
+async def test_take_ready_hands_out_the_completed_units_in_order_once() -> None:
+    async def fetch(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    engine = _batching.Engine(
+        KnownOrder(list(range(10)), batch_size=2), owner="test", concurrency=8,
+        fetch_unit=fetch,
+    )
+    try:
+        first = await engine.next_unit()
+        await wait_until(lambda: len(engine._units) >= 3 and all(
+            unit.ready for unit in engine._units.values()
+        ))
+        ready = engine.take_ready()
+        assert [unit.index for unit in [first, *ready]] == list(range(1 + len(ready)))
+        assert len(ready) >= 2
+        assert engine.take_ready() == []  # nothing is handed out twice
+        rest = []
+        while True:
+            try:
+                rest.append(await engine.next_unit())
+            except StopAsyncIteration:
+                break
+        units = [first, *ready, *rest]
+        assert [unit.batch for unit in units] == [[k * 10, k * 10 + 10] for k in range(0, 10, 2)]
+    finally:
+        await engine.aclose()

@@ -265,6 +265,17 @@ class Engine(Generic[K]):
             await progress.wait()
             self._progress = None
 
+    def take_ready(self) -> list[Unit[K]]:
+        """The units that :meth:`next_unit` would hand out now without waiting, in order.
+
+        A consumer with a per-call cost (a thread hop per write) takes them
+        together with the one it awaited.
+        """
+        taken = []
+        while not self._closed and (unit := self._ready_unit()) is not None:
+            taken.append(self._hand_out(unit))
+        return taken
+
     def _ready_unit(self) -> Unit[K] | None:
         if self._ordered:
             unit = self._units.get(self._head)

@@ -438,14 +438,16 @@ class PickledDataset(Dataset[Any, Any]):
         try:
             while True:
                 try:
-                    unit = await engine.next_unit()
+                    units = [await engine.next_unit(), *engine.take_ready()]
                 except StopAsyncIteration:
                     break
-                await anyio.to_thread.run_sync(
-                    _write_chunk, encoder, sink, unit.keys, unit.batch
-                )
+                # The units fetched while the last write ran go in one thread hop
+                # (tiny items: the hop costs more than encoding them).
+                keys = [key for unit in units for key in unit.keys]
+                items = [item for unit in units for item in unit.batch]
+                await anyio.to_thread.run_sync(_write_chunk, encoder, sink, keys, items)
                 if bar is not None:
-                    bar.update(len(unit.keys))
+                    bar.update(len(keys))
             await anyio.to_thread.run_sync(_finish, encoder, sink, context)
             committed = True
         finally:
