@@ -471,3 +471,34 @@ async def test_combinators_on_a_dask_cluster(dask_client: Any) -> None:
     assert os.getpid() not in {pid for _, pid in results}
     await on_cluster.aclose()
     assert dask_client.status == "running"  # the client is its owner's to close
+
+
+async def test_a_batch_arriving_while_every_worker_is_busy_goes_whole() -> None:
+    pool = WorkerPool("thread", 2)
+    release = threading.Event()
+
+    def held(key: int) -> int:
+        release.wait(10)
+        return key
+
+    try:
+        first = asyncio.create_task(pool.run_batch(held, [(k,) for k in range(4)]))
+        await wait_until(lambda: len(pool._in_flight) == 2)  # one chunk per idle worker
+        second = asyncio.create_task(pool.run_batch(held, [(k,) for k in range(4, 8)]))
+        await wait_until(lambda: len(pool._in_flight) == 3)  # the second batch: one chunk
+        release.set()
+        assert await first == [0, 1, 2, 3]
+        assert await second == [4, 5, 6, 7]
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_a_stage_in_a_pool_fetches_a_batch_ahead_per_worker() -> None:
+    from mlworkflow_async import DictDataset, TransformedDataset
+
+    base = DictDataset({i: i for i in range(10)})
+    pooled = TransformedDataset(base, [lambda k, v: v], executor="thread", workers=3)
+    assert base._batches_ahead() == 2
+    assert pooled._batches_ahead() == 5  # a batch queued per worker, one in use, one loading
+    assert TransformedDataset(pooled, [lambda k, v: v])._batches_ahead() == 5  # inherited

@@ -207,6 +207,10 @@ class Dataset(ABC, Generic[K, V]):
         """
         raise NotImplementedError(f"{type(self).__qualname__} does not define query_item()")
 
+    def _batches_ahead(self) -> int:
+        """Batches :meth:`batches` fetches at once by default: one in use, one loading."""
+        return 2
+
     # -- keys ------------------------------------------------------------
 
     @property
@@ -300,8 +304,9 @@ class Dataset(ABC, Generic[K, V]):
 
         - ``keys``: the keys to read (default: all the dataset's, as they are
           discovered); ``concurrency`` bounds the items fetched at once
-          (default ``2 * batch_size``), so later batches load while earlier
-          ones are used.
+          (default ``2 * batch_size``, and ``(workers + 2) * batch_size``
+          when a stage runs in a pool of ``workers``), so later batches load
+          while earlier ones are used.
         - ``shuffle=seed``, ``epoch=e``: a permutation of the keys that
           depends only on them, the seed and the epoch (the same in every
           process and machine). It needs every key, so the stream first
@@ -336,7 +341,10 @@ class Dataset(ABC, Generic[K, V]):
             )
         if keys is not None and not isinstance(keys, Iterable | AsyncIterable):
             raise TypeError(f"keys must be an iterable of keys (or None for all), got {keys!r}")
-        limit = 2 * size if concurrency is None else _positive_int(concurrency, "concurrency")
+        limit = (
+            self._batches_ahead() * size if concurrency is None
+            else _positive_int(concurrency, "concurrency")
+        )
         if shuffle is not None and (
             isinstance(shuffle, bool) or not isinstance(shuffle, numbers.Integral)
         ):
