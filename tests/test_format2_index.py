@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from mlworkflow_async import PickledDataset
-from mlworkflow_async._store._format2 import HEADER2
+from mlworkflow_async._store._format2 import HEADER2, int_key_bytes
 from mlworkflow_async._store._index2 import EAGER_BYTES, Index2
 from mlworkflow_async._store._reads2 import open_index
 from mlworkflow_async._store._safe_unpickler import make_loads
@@ -179,3 +181,17 @@ def test_an_empty_dataset_opens(tmp_path: Path) -> None:
         assert list(ds.sync.keys.all()) == []
         with pytest.raises(KeyError):
             ds.sync.query_item(0)
+
+
+def test_int_keys_are_spelled_as_the_pickler_spells_them() -> None:
+    # Lookups and writes spell int keys without pickling: the bytes must be the pickle's.
+    def pickled(key: int) -> bytes:
+        data = pickle.dumps(key, 5)
+        return data[:2] + data[11:] if data[2] == 0x95 else data
+
+    edges = [0, 1, 255, 256, 65535, 65536, -1, -255, -256, -65536, 2**31 - 1, 2**31,
+             -(2**31), -(2**31) - 1, 2**63, -(2**63), 10**40, -(10**40)]
+    rng = random.Random(5)
+    samples = [rng.randrange(-(2**40), 2**40) for _ in range(2000)]
+    for key in [*edges, *range(-1000, 70000, 7), *samples]:
+        assert int_key_bytes(key) == pickled(key), key

@@ -39,6 +39,7 @@ from ._format2 import (
     TAG_SHIFT,
     VERSION2,
     capacity,
+    int_key_bytes,
     key_bytes,
 )
 
@@ -244,12 +245,7 @@ class Index2:
     def locate(self, key: Any) -> Entry2:
         """The entry of ``key``; ``KeyError`` if it is not in the file."""
         try:
-            if type(key) is int:  # the common case, without a call to key_bytes
-                pickled = pickle.dumps(key, 5)
-                if pickled[2] == 0x95:
-                    pickled = pickled[:2] + pickled[11:]
-            else:
-                pickled = key_bytes(key)
+            pickled = int_key_bytes(key) if type(key) is int else key_bytes(key)
             return self.entry(self.find(pickled, key))
         except (KeyError, pickle.PicklingError, TypeError, AttributeError, RecursionError):
             try:
