@@ -473,25 +473,29 @@ async def test_combinators_on_a_dask_cluster(dask_client: Any) -> None:
     assert dask_client.status == "running"  # the client is its owner's to close
 
 
-async def test_a_batch_arriving_while_every_worker_is_busy_goes_whole() -> None:
-    pool = WorkerPool("thread", 2)
-    release = threading.Event()
-
-    def held(key: int) -> int:
-        release.wait(10)
-        return key
-
+async def test_a_batch_arriving_while_every_worker_is_busy_goes_whole(tmp_path: Path) -> None:
+    # Worker processes pay a cost per chunk: a batch that finds every worker
+    # busy goes whole; threads pay none, and split every batch over all.
+    processes, threads = WorkerPool("process", 2), WorkerPool("thread", 2)
+    gate = tmp_path / "gate"
     try:
-        first = asyncio.create_task(pool.run_batch(held, [(k,) for k in range(4)]))
-        await wait_until(lambda: len(pool._in_flight) == 2)  # one chunk per idle worker
-        second = asyncio.create_task(pool.run_batch(held, [(k,) for k in range(4, 8)]))
-        await wait_until(lambda: len(pool._in_flight) == 3)  # the second batch: one chunk
-        release.set()
-        assert await first == [0, 1, 2, 3]
-        assert await second == [4, 5, 6, 7]
+        for pool, parts in ((processes, 1), (threads, 2)):
+            gate.unlink(missing_ok=True)
+            first = asyncio.create_task(
+                pool.run_batch(wait_for_file, [(k, str(gate)) for k in range(4)])
+            )
+            await wait_until(lambda pool=pool: len(pool._in_flight) == 2, timeout=30)
+            second = asyncio.create_task(
+                pool.run_batch(wait_for_file, [(k, str(gate)) for k in range(4, 8)])
+            )
+            await wait_until(lambda pool=pool, parts=parts: len(pool._in_flight) == 2 + parts)
+            gate.touch()
+            assert await first == [0, 1, 2, 3]
+            assert await second == [4, 5, 6, 7]
     finally:
-        release.set()
-        pool.close()
+        gate.touch()
+        processes.close()
+        threads.close()
 
 
 def test_a_stage_in_a_pool_fetches_a_batch_ahead_per_worker() -> None:

@@ -521,8 +521,9 @@ class WorkerPool:
     ) -> list[Any]:
         """``[fn(*args) for args in args_list]``, computed by the workers, in order.
 
-        The batch is split into one chunk per idle worker (whole when every
-        worker has a chunk of other batches already). An exception raised by
+        The batch is split into one chunk per worker thread, or per idle
+        worker process (whole when every process has a chunk of other
+        batches already). An exception raised by
         ``fn`` propagates as it is (from a process, with the worker's
         traceback as its cause), after ``on_error(exc, index)`` has added
         notes; ``keys[index]`` names an item in messages. A worker process
@@ -540,11 +541,15 @@ class WorkerPool:
             return []
         if self.in_threads and is_async_callable(fn):
             return await self._on_loop(fn, args_list, on_error)
-        # One chunk per idle worker: a batch arriving while others keep every
-        # worker busy goes whole, paying the per-chunk costs (shipping,
-        # results, a wake-up) once (benchmark CPU a).
-        idle = await self._parallelism() - len(self._in_flight)
-        parts = min(count, max(1, idle))
+        # Other processes: one chunk per idle worker, so that a batch arriving
+        # while every worker is busy goes whole and pays the per-chunk costs
+        # (shipping, results, a wake-up) once (benchmark CPU a). Threads cost
+        # nothing per chunk: a batch is split over all of them, which keeps
+        # them even at the end of a stream (CPU b).
+        workers = await self._parallelism()
+        if not self.in_threads:
+            workers -= len(self._in_flight)
+        parts = min(count, max(1, workers))
         bounds = [count * i // parts for i in range(parts + 1)]
         executor = self._executor()
         chunks = [_Chunk(fn, keys, start) for start in bounds[:-1]]
