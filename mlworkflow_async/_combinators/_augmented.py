@@ -7,7 +7,7 @@ from abc import abstractmethod
 from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
 from itertools import chain
 from operator import itemgetter, length_hint
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from .._core._callables import is_async_callable
 from .._core._dataset import Dataset
@@ -219,15 +219,22 @@ class AugmentedDataset(Derived[K, V]):
             augment = cast(Callable[[Any, Any], Iterable[tuple[K, V]]], self.augment)
             made.extend(map(list, map(augment, root_keys, items)))
         except Exception as exc:
-            root_key, root_item = root_keys[len(made)], items[len(made)]
+            self._raise_failed(exc, root_keys[len(made)], items[len(made)])
+        return made
+
+    def _raise_failed(self, exc: Exception, root_key: Any, root_item: Any) -> NoReturn:
+        """Raise what ``augment`` on this root did wrong, noted with its root key.
+
+        A ``TypeError`` may mean it returned no pairs at all: that is said plainly.
+        """
+        if isinstance(exc, TypeError):
             result = self.augment(root_key, root_item)
             if not isinstance(result, Iterable):
                 error = self._not_pairs(result)
                 self._note(error, root_key)
                 raise error from None
-            self._note(exc, root_key)
-            raise
-        return made
+        self._note(exc, root_key)
+        raise exc
 
     async def _augment_in_pool(
         self, pool: WorkerPool, root_keys: list[Any], items: list[Any]
@@ -295,14 +302,7 @@ class AugmentedDataset(Derived[K, V]):
         except Exception as exc:
             # map() takes a root as chain() needs its generator: the last one taken failed.
             index = len(root_keys) - length_hint(remaining) - 1
-            if isinstance(exc, TypeError):
-                result = self.augment(root_keys[index], items[index])
-                if not isinstance(result, Iterable):
-                    error = self._not_pairs(result)
-                    self._note(error, root_keys[index])
-                    raise error from None
-            self._note(exc, root_keys[index])
-            raise
+            self._raise_failed(exc, root_keys[index], items[index])
 
     def _shared_child(self, root_keys: list[Any], made: list[list[tuple[K, V]]]) -> None:
         """Raise for the child key that two roots, or one root twice, made."""

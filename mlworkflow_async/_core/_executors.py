@@ -735,8 +735,8 @@ class WorkerPool:
         culprits = [r for r in running if r[2] in dead]
         # A death already told for this pool outranks a guess: the chunk that
         # caused it may have left the running ones before this call looks.
-        told = broken and self._death is not None and self._death[0] is executor
-        if not culprits and not told and len(running) == 1:
+        told = self._death if broken and self._death and self._death[0] is executor else None
+        if not culprits and told is None and len(running) == 1:
             culprits = running
         found: _Chunk | None = None
         if culprits:
@@ -750,8 +750,8 @@ class WorkerPool:
             if broken:
                 # Calls that see the same death later may no longer find the chunk.
                 self._death = (executor, cause)
-        elif told:
-            cause = self._death[1]  # type: ignore[index]
+        elif told is not None:
+            cause = told[1]
         else:
             cause = (
                 f"a worker process died while running {describe(chunk.fn)} on {chunk.name(0)} "

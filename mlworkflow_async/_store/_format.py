@@ -334,6 +334,12 @@ def check_header(head: bytes, path: str) -> int:
         )
     if version < 1:
         raise corrupt(path, f"its header announces format version {version}")
+    check_flags(path, flags, reserved)
+    return int(version)
+
+
+def check_flags(path: str, flags: int, reserved: bytes) -> None:
+    """Refuse header flags or reserved bytes this version does not know (any format)."""
     if flags or reserved.strip(b"\0"):
         # A newer writer may use them; reading as if they were not set could be wrong.
         raise UnsupportedVersionError(
@@ -342,7 +348,6 @@ def check_header(head: bytes, path: str) -> int:
             f"it was written by a newer version of mlworkflow-async, or is damaged",
             path,
         )
-    return int(version)
 
 
 def parse(read: Read, size: int, path: str, loads: Loads) -> Layout:

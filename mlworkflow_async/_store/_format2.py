@@ -104,7 +104,7 @@ VERSION2 = 2
 HEADER2 = struct.Struct("<8sIII40xI")
 #: The footer's fields, after its copy of the header.
 FOOTER = struct.Struct("<QQQQQQQIIII8s")
-FOOTER_SIZE = 64 + FOOTER.size
+FOOTER_SIZE = HEADER2.size + FOOTER.size
 END_MAGIC = b"MLWDSEND"
 ENTRY = struct.Struct("<QII")
 EXT = struct.Struct("<QQQ")
@@ -205,9 +205,7 @@ def key_bytes(key: Any) -> bytes:
         pickler.fast = True  # no memo: the bytes depend on values, not on identities
         pickler.dump(key)
         data = out.getvalue()
-    if data[2] == 0x95:  # FRAME: optional, and 9 bytes
-        return data[:2] + data[11:]
-    return data
+    return _framed_off(data)
 
 
 def key_hash(csum: Checksum, data: bytes) -> int:

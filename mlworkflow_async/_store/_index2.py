@@ -25,7 +25,7 @@ import numpy as np
 
 from ..exceptions import CorruptFileError, UnsupportedVersionError
 from ._checksum import NAMES, Checksum, checksum_function
-from ._format import MAGIC, Layout, corrupt, index_error
+from ._format import MAGIC, Layout, check_flags, corrupt, index_error
 from ._format2 import (
     ALIGN,
     END_MAGIC,
@@ -126,14 +126,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
         raise corrupt(name, "its footer is damaged (checksum mismatch)")
     if bytes(head[:HEADER2.size]) != copy:
         raise corrupt(name, "its header and the copy in its footer differ")
-    reserved = bytes(head[20:HEADER2.size - 4])
-    if flags or reserved.strip(b"\0"):
-        # Set by a newer writer: reading as if they were not could be wrong.
-        raise UnsupportedVersionError(
-            f"{name} sets header flags this version does not know (flags {flags:#x}, "
-            f"reserved bytes {reserved.hex() if reserved.strip(bytes(1)) else 'zero'}): it "
-            f"was written by a newer version of mlworkflow-async, or is damaged", name
-        )
+    # The reserved bytes lie between the algorithm field and the checksum.
+    check_flags(name, flags, bytes(head[20:HEADER2.size - 4]))
     (index_offset, count, table_length, ext_count, row_count, keys_length, context_length,
      blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):
