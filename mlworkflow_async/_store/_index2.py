@@ -54,6 +54,7 @@ _GOLDEN = 0x9E3779B1
 _MASK32 = 0xFFFFFFFF
 _ENTRY_AND_NEXT = struct.Struct("<QIIQ")
 _ROW = struct.Struct("<QQ")
+_U32 = struct.Struct("<I")
 
 
 class Footer(NamedTuple):
@@ -198,8 +199,9 @@ class Index2:
         sums = region[f.blocks:f.blocks + 4 * f.block_count]
         if self.csum(sums) != f.blocks_crc:
             raise corrupt(name, "its index is damaged (block checksums mismatch)")
-        self._sums = np.frombuffer(sums, "<u4")
+        self._sums = sums
         self._verified = bytearray(f.block_count)
+        self._shift = f.block.bit_length() - 1
         self._lazy = True
         if f.blocks <= EAGER_BYTES:
             self.check(0, f.blocks)
@@ -217,13 +219,14 @@ class Index2:
 
     def check(self, start: int, length: int) -> None:
         """Check the blocks holding ``length`` bytes from ``start`` of the region, once each."""
-        block = self.footer.block
-        verified = self._verified
-        for number in range(start // block, (start + max(length, 1) - 1) // block + 1):
-            if number < len(verified) and not verified[number]:
+        verified, shift = self._verified, self._shift
+        last = min((start + max(length, 1) - 1) >> shift, len(verified) - 1)
+        for number in range(start >> shift, last + 1):
+            if not verified[number]:
+                block = self.footer.block
                 begin = number * block
                 piece = self._region[begin:min(begin + block, self.footer.blocks)]
-                if self.csum(piece) != int(self._sums[number]):
+                if self.csum(piece) != _U32.unpack_from(self._sums, 4 * number)[0]:
                     raise corrupt(
                         self.name, f"its index is damaged (checksum mismatch in bytes "
                         f"{self.data_end + begin} to {self.data_end + begin + len(piece)})"
@@ -253,6 +256,9 @@ class Index2:
         buffer, lazy, width = self._buffer, self._lazy, self._width
         count, keys_at, keys_length = self.item_count, self._keys_at, self._keys_length
         table_at, offsets_at, prints_at = self._table_at, self._offsets_at, self._prints_at
+        # Lazy checks test the block's flag here and call check() only for a block not
+        # checked yet: a method call per touch tripled the cost of a warm lookup.
+        verified, shift, base = self._verified, self._shift, self._entries_at
         hashed = (self.csum(pickled) * _GOLDEN) & _MASK32
         slot = (hashed * self._capacity) >> 32
         fingerprint = hashed & 0xFF
@@ -260,7 +266,9 @@ class Index2:
         size = len(pickled)
         while slot < self._table_length:
             if lazy:
-                self.check(prints_at - self._entries_at + slot, 1)
+                at = prints_at - base + slot
+                if not verified[at >> shift]:
+                    self.check(at, 1)
             seen = buffer[prints_at + slot]
             if seen != fingerprint:  # another key's slot, or an empty one (printed 0)
                 if not seen and self._empty(slot):
@@ -268,7 +276,9 @@ class Index2:
                 slot += 1
                 continue
             if lazy:
-                self.check(table_at - self._entries_at + slot * width, width)
+                at = table_at - base + slot * width
+                if not (verified[at >> shift] and verified[(at + width - 1) >> shift]):
+                    self.check(at, width)
             number = unpack_slot(buffer, table_at + slot * width)[0]
             if not number:
                 break
@@ -276,13 +286,19 @@ class Index2:
             if number >= count:
                 raise corrupt(self.name, "its hash table names an entry past the end")
             if lazy:
-                self.check(offsets_at - self._entries_at + number * width, 2 * width)
+                at = offsets_at - base + number * width
+                if not (verified[at >> shift] and verified[(at + 2 * width - 1) >> shift]):
+                    self.check(at, 2 * width)
             a, b = unpack_pair(buffer, offsets_at + number * width)
             if b - a == size:
                 if not a <= b <= keys_length:
                     raise corrupt(self.name, "its index places a key outside its key bytes")
                 if lazy:
-                    self.check(keys_at - self._entries_at + a, size)
+                    at = keys_at - base + a
+                    if size > self.footer.block or not (
+                        verified[at >> shift] and verified[(at + size - 1) >> shift]
+                    ):
+                        self.check(at, size)
                 if buffer[keys_at + a:keys_at + b] == pickled:
                     return int(number)
             slot += 1
@@ -297,7 +313,9 @@ class Index2:
     def entry(self, number: int) -> Entry2:
         """The entry of the item stored ``number``-th."""
         at = 16 * number
-        if self._lazy:
+        if self._lazy and not (
+            self._verified[at >> self._shift] and self._verified[(at + 23) >> self._shift]
+        ):
             self.check(at, 24)
         if number + 1 < self.item_count:
             offset, info, crc, end = _ENTRY_AND_NEXT.unpack_from(
