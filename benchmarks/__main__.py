@@ -15,8 +15,8 @@ import os
 import pickle
 import platform
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 
 from ._table import Row, render

@@ -7,9 +7,13 @@ import concurrent.futures as cf
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import psutil
 import pytest
@@ -201,10 +205,14 @@ class Probe(Dataset[int, int]):
             self.active -= 1
 
 
-@pytest.mark.parametrize("executor", ["thread", "process"])
-async def test_the_stream_bound_holds(executor: str) -> None:
+@pytest.mark.parametrize("executor", ["thread", "process", "dask"])
+async def test_the_stream_bound_holds(executor: str, request: pytest.FixtureRequest) -> None:
     probe = Probe(120)
-    async with TransformedDataset(probe, [tenfold], executor=executor, workers=2) as ds:
+    where: Any = executor
+    workers: int | None = 2
+    if executor == "dask":
+        where, workers = request.getfixturevalue("dask_client"), None
+    async with TransformedDataset(probe, [tenfold], executor=where, workers=workers) as ds:
         assert await collect(ds, batch_size=6, concurrency=12) == [10 * k for k in range(120)]
     assert 1 <= probe.max_active <= 12
 
@@ -230,6 +238,87 @@ async def test_leaving_a_stream_early_cancels_queued_work(parent: DictDataset[in
     await ds.aclose()  # waits for the item running
     # The running chunk stopped after its item; the chunks queued never ran.
     assert calls == [0]
+
+
+def started_then_wait(key: int, folder: str) -> int:
+    """Mark ``key`` as started, then wait (bounded) for the file ``gate`` in ``folder``."""
+    open(os.path.join(folder, f"started-{key}"), "w").close()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(os.path.join(folder, "gate")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(folder)
+        time.sleep(0.002)
+    return key
+
+
+def started_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("started-*")}
+
+
+def tasks_on_workers(dask_worker: Any) -> list[str]:
+    """The states of the tasks a Dask worker still holds (run there by ``Client.run``)."""
+    return [task.state for task in dask_worker.state.tasks.values()]
+
+
+async def until_workers_hold(client: Any, allowed: set[str]) -> None:
+    """Wait (bounded) until every task on the workers is in one of the ``allowed`` states."""
+    with anyio.fail_after(30):
+        while True:
+            held = await anyio.to_thread.run_sync(client.run, tasks_on_workers)
+            if all(state in allowed for states in held.values() for state in states):
+                return
+            await anyio.sleep(0.005)
+
+
+async def test_leaving_a_stream_early_on_a_dask_cluster_drops_queued_work(
+    tmp_path: Path, dask_client: Any
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    loop_thread = threading.get_ident()
+    cancels: list[tuple[int, int]] = []
+
+    class Recording(distributed.Client):  # type: ignore[misc]
+        """A real client that notes where each cancel message is sent from."""
+
+        def cancel(self, futures: Any, *args: Any, **kwargs: Any) -> Any:
+            cancels.append((threading.get_ident(), len(futures)))
+            return super().cancel(futures, *args, **kwargs)
+
+    client = await anyio.to_thread.run_sync(
+        lambda: Recording(dask_client.scheduler.address, set_as_default=False)
+    )
+    try:
+        parent = DictDataset({k: str(tmp_path) for k in range(40)})
+        ds = TransformedDataset(parent, [started_then_wait], executor=client)
+        stream = ds.batches(2, collate_fn=list, concurrency=16)
+        first = asyncio.create_task(stream.__anext__())
+        # Every batch the stream may hold ahead is submitted: 2 chunks for the
+        # first (one per worker), then whole batches while the workers are busy.
+        await wait_until(lambda: len(client.futures) >= 9, timeout=30)
+        await wait_until(lambda: any(tmp_path.glob("started-*")), timeout=30)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await stream.aclose()
+        # The workers drop what they held queued as soon as they hear of the
+        # cancel; the chunks already running cannot be stopped.
+        await until_workers_hold(client, {"cancelled", "memory", "released"})
+        running = started_in(tmp_path)
+        (tmp_path / "gate").touch()
+        await ds.aclose()
+        await until_workers_hold(client, set())
+    finally:
+        await anyio.to_thread.run_sync(client.close)
+    started = started_in(tmp_path)
+    # Sixteen keys were in flight over two single-threaded workers: only the
+    # two running chunks (of at most two keys each) ever started.
+    assert 1 <= len(running) <= 2, sorted(running)
+    assert len(started) <= 4, sorted(started)
+    # All of it went to the scheduler in one cancel message, sent off the loop.
+    assert len(cancels) == 1, cancels
+    thread, count = cancels[0]
+    assert thread != loop_thread
+    assert count == 9
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])

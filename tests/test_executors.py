@@ -408,25 +408,6 @@ async def test_side_runner_takes_the_same_executors() -> None:
 # -- a Dask cluster --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dask_client() -> Iterator[Any]:
-    distributed = pytest.importorskip("distributed")
-    dask = pytest.importorskip("dask")
-    # A task whose worker dies fails at once, rather than being tried on another.
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        distributed.LocalCluster(
-            n_workers=2,
-            processes=True,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
-
-
 async def test_dask_keeps_order_and_runs_on_its_workers(dask_client: Any) -> None:
     pool = worker_pool(dask_client)
     assert pool is not None

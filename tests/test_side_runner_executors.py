@@ -128,22 +128,6 @@ def test_blocking_runner_with_a_process_pool(process_pool: cf.ProcessPoolExecuto
 # -- a Dask cluster -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dask_client() -> Iterator[Any]:
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            processes=True,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
-
-
 async def test_dask_client_runs_work_on_its_workers(dask_client: Any) -> None:
     worker_pids = set(dask_client.run(os.getpid).values())
     assert len(worker_pids) == 2

@@ -56,6 +56,7 @@ import anyio.to_thread
 
 from ..exceptions import WorkerDiedError
 from ._callables import describe, is_async_callable
+from ._dask import ClientExecutor, is_dask_client
 
 __all__ = ["WorkerPool", "worker_pool"]
 
@@ -382,6 +383,9 @@ class WorkerPool:
         self._death: tuple[cf.Executor, str] | None = None
         self._given: cf.Executor | None = None
         self._client: Any = None
+        # Futures of a Dask client to cancel together (see _drop_remote).
+        self._dropping: list[cf.Future[Any]] = []
+        self._drop_sent: asyncio.Future[None] | None = None
         if executor in KINDS:
             if workers is not None and (
                 isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
@@ -397,11 +401,9 @@ class WorkerPool:
                 )
             if isinstance(executor, cf.Executor):
                 self._given = executor
-            elif callable(getattr(executor, "get_executor", None)):
-                # A dask.distributed Client, recognised by duck typing so that dask
-                # stays optional; side work and transforms are not pure.
+            elif is_dask_client(executor):
                 self._client = executor
-                self._given = executor.get_executor(pure=False)
+                self._given = ClientExecutor(executor)
             else:
                 raise TypeError(
                     f"executor must be None, 'thread', 'process', a concurrent.futures.Executor "
@@ -766,11 +768,15 @@ class WorkerPool:
     async def _settle(self, chunks: list[_Chunk], wait_running: bool) -> None:
         """Drop what is still queued or running, once the batch is done with."""
         running = []
+        remote = []
         for chunk in chunks:
             future = chunk.future
             if future is None:
                 continue
-            if not future.done() and not future.cancel():
+            if self._client is not None:
+                if not future.done():
+                    remote.append(future)
+            elif not future.done() and not future.cancel():
                 chunk.ask_to_stop()
                 running.append(future)
             wrapped = chunk.wrapped
@@ -783,9 +789,38 @@ class WorkerPool:
             if chunk.segment is not None:
                 segment = chunk.segment
                 future.add_done_callback(lambda _, s=segment: _close_quietly(s))  # type: ignore[misc]
+        if remote:
+            sent = self._drop_remote(remote)
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([sent])
         if wait_running and running:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([asyncio.wrap_future(f) for f in running])
+
+    def _drop_remote(self, futures: list[cf.Future[Any]]) -> asyncio.Future[None]:
+        """A future done once the scheduler has been told to cancel ``futures``."""
+        # The batches of a stream left early all settle in one turn of the
+        # loop: their futures go out together, in one cancel message.
+        loop = asyncio.get_running_loop()
+        if self._drop_sent is None:
+            self._drop_sent = loop.create_future()
+            loop.call_soon(self._send_drops, self._drop_sent)
+        self._dropping.extend(futures)
+        return self._drop_sent
+
+    def _send_drops(self, told: asyncio.Future[None]) -> None:
+        futures, self._dropping, self._drop_sent = self._dropping, [], None
+        executor = self._given
+        assert isinstance(executor, ClientExecutor)
+        sent = asyncio.get_running_loop().run_in_executor(None, executor.drop, futures)
+
+        def done(sent: asyncio.Future[None]) -> None:
+            # A client closed meanwhile cannot run the work either: nothing to report.
+            if not sent.cancelled():
+                sent.exception()
+            told.set_result(None)
+
+        sent.add_done_callback(done)
 
 
 def _no_pool() -> None:

@@ -1,0 +1,89 @@
+"""A ``dask.distributed.Client`` as a :class:`concurrent.futures.Executor`.
+
+Dask's own ``Client.get_executor()`` cancels each future with a blocking
+round trip to the scheduler, made by the thread that cancels: leaving a
+stream with N chunks in flight blocked the event loop for N round trips
+(across a network, many milliseconds each). :meth:`ClientExecutor.drop`
+cancels any number of futures in one message, from a worker thread.
+
+Dask stays optional: the client is only used through its methods.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["ClientExecutor", "is_dask_client"]
+
+
+def is_dask_client(executor: Any) -> bool:
+    """True for a ``dask.distributed.Client``, recognised without importing dask."""
+    return callable(getattr(executor, "get_executor", None)) and callable(
+        getattr(executor, "cancel", None)
+    )
+
+
+class ClientExecutor(cf.Executor):
+    """Submits calls to a Dask client (``pure=False``: identical calls all run).
+
+    The futures it returns are plain :class:`concurrent.futures.Future`
+    objects, settled from Dask's callback thread.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        # Local future -> Dask future, while not done.
+        self._remote: dict[cf.Future[Any], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<ClientExecutor {self.client!r}>"
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> cf.Future[Any]:
+        remote = self.client.submit(fn, *args, pure=False, **kwargs)
+        local: cf.Future[Any] = cf.Future()
+        with self._lock:
+            self._remote[local] = remote
+        remote.add_done_callback(lambda done: self._settle(local, done))
+        return local
+
+    def _settle(self, local: cf.Future[Any], remote: Any) -> None:
+        # Runs in Dask's callback thread, where waiting for the result is fine.
+        with self._lock:
+            self._remote.pop(local, None)
+        if local.done():
+            return
+        with contextlib.suppress(cf.InvalidStateError):
+            if remote.status == "finished":
+                try:
+                    value = remote.result()
+                except BaseException as exc:  # lost between finishing and fetching
+                    local.set_exception(exc)
+                else:
+                    local.set_result(value)
+            elif remote.status == "cancelled":
+                local.cancel()
+            else:
+                local.set_exception(remote.exception())
+
+    def drop(self, futures: Iterable[cf.Future[Any]]) -> None:
+        """Cancel ``futures`` (made here) in one message.
+
+        Blocks for a round trip to the scheduler: call it from a worker thread.
+        """
+        futures = list(futures)
+        with self._lock:
+            found = [self._remote.pop(f) for f in futures if f in self._remote]
+        for future in futures:
+            future.cancel()
+        if found:
+            self.client.cancel(found)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Leaves the client as it is: it belongs to the caller."""
