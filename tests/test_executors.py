@@ -426,8 +426,9 @@ async def test_dask_keeps_order_and_runs_on_its_workers(dask_client: Any) -> Non
     assert await pool.run_batch(later, [(k, 0) for k in range(4)]) == [0, 1, 2, 3]
 
 
-async def test_dask_failures_and_a_killed_worker(dask_client: Any) -> None:
-    pool = worker_pool(dask_client.get_executor())
+@pytest.mark.parametrize("given", ["client", "its executor"])
+async def test_dask_failures_and_a_killed_worker(dask_client: Any, given: str) -> None:
+    pool = worker_pool(dask_client if given == "client" else dask_client.get_executor())
     assert pool is not None
     with pytest.raises(ValueError, match="no 2") as info:
         await pool.run_batch(fail_on_2, [(k, k) for k in range(4)])
