@@ -31,7 +31,7 @@ class ClientExecutor(cf.Executor):
     """Submits calls to a Dask client (``pure=False``: identical calls all run).
 
     The futures it returns are plain :class:`concurrent.futures.Future`
-    objects, settled from Dask's callback thread.
+    objects, settled from the client's own event loop (its thread).
     """
 
     def __init__(self, client: Any) -> None:
@@ -43,34 +43,32 @@ class ClientExecutor(cf.Executor):
     def __repr__(self) -> str:
         return f"<ClientExecutor {self.client!r}>"
 
-    def submit(
-        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> cf.Future[Any]:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         remote = self.client.submit(fn, *args, pure=False, **kwargs)
         local: cf.Future[Any] = cf.Future()
         with self._lock:
             self._remote[local] = remote
-        remote.add_done_callback(lambda done: self._settle(local, done))
+        # The result is fetched on the client's own loop, as Dask's executor
+        # does, so that results arriving together are fetched together.
+        self.client.loop.add_callback(self._settle, local, remote)
         return local
 
-    def _settle(self, local: cf.Future[Any], remote: Any) -> None:
-        # Runs in Dask's callback thread, where waiting for the result is fine.
+    async def _settle(self, local: cf.Future[Any], remote: Any) -> None:
+        try:
+            value = await self.client.gather(remote, asynchronous=True)
+        except BaseException as exc:
+            outcome: tuple[bool, Any] = (False, exc)
+        else:
+            outcome = (True, value)
         with self._lock:
             self._remote.pop(local, None)
-        if local.done():
-            return
-        with contextlib.suppress(cf.InvalidStateError):
-            if remote.status == "finished":
-                try:
-                    value = remote.result()
-                except BaseException as exc:  # lost between finishing and fetching
-                    local.set_exception(exc)
-                else:
-                    local.set_result(value)
-            elif remote.status == "cancelled":
+        with contextlib.suppress(cf.InvalidStateError):  # cancelled here meanwhile
+            if remote.status == "cancelled":
                 local.cancel()
+            elif outcome[0]:
+                local.set_result(outcome[1])
             else:
-                local.set_exception(remote.exception())
+                local.set_exception(outcome[1])
 
     def drop(self, futures: Iterable[cf.Future[Any]]) -> None:
         """Cancel ``futures`` (made here) in one message.
