@@ -284,3 +284,45 @@ async def test_take_ready_hands_out_the_completed_units_in_order_once() -> None:
         assert [unit.batch for unit in units] == [[k * 10, k * 10 + 10] for k in range(0, 10, 2)]
     finally:
         await engine.aclose()
+
+
+async def test_hold_lets_more_wait_without_more_fetches_in_flight() -> None:
+    active = most = 0
+    gate = asyncio.Event()
+
+    async def fetch(key: int) -> int:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        try:
+            if key == 0:
+                await gate.wait()  # the head stays unfinished: nothing is handed out
+            return key
+        finally:
+            active -= 1
+
+    engine = _batching.Engine(
+        KnownOrder(list(range(200)), batch_size=4), owner="test", concurrency=2,
+        fetch_item=fetch,
+    )
+    def claimed() -> int:  # keys handed to workers so far (units of 4)
+        return 4 * (engine._next - 1) + engine._filled
+
+    try:
+        first = asyncio.ensure_future(engine.next_unit())
+        window = 2 * 2 + 4  # the default: twice the concurrency and a batch
+        await wait_until(lambda: claimed() == window and active == 1)
+        engine.hold(40)
+        await wait_until(lambda: claimed() == 40 and active == 1)
+        assert most == 2  # more items wait; no more fetches run at once
+        gate.set()
+        units = [await first]
+        while True:
+            try:
+                units.append(await engine.next_unit())
+            except StopAsyncIteration:
+                break
+        assert [key for unit in units for key in unit.batch] == list(range(200))
+        assert most == 2
+    finally:
+        await engine.aclose()

@@ -276,6 +276,18 @@ class Engine(Generic[K]):
             taken.append(self._hand_out(unit))
         return taken
 
+    def hold(self, items: int) -> None:
+        """Let workers claim up to ``items`` past the head, if more than they may now.
+
+        The number of fetches in flight stays as it is: only what waits for
+        the consumer grows. A consumer that learns its items are small (a
+        writer, after its first chunks) lets more of them gather per call.
+        """
+        if items > self._window:
+            self._window = items
+            if self._room_waiters:
+                self._room_waiters.popleft().set()  # it passes the room on
+
     def _ready_unit(self) -> Unit[K] | None:
         if self._ordered:
             unit = self._units.get(self._head)

@@ -68,6 +68,10 @@ __all__ = ["PickledDataset"]
 
 #: Keys fetched per ``query_items`` call while writing.
 _CHUNK = 256
+#: What fetched items may add up to (as written) while they wait for the writer,
+#: and how many they may be at most (each is a Python object meanwhile).
+_HOLD_BYTES = 8 << 20
+_HOLD_ITEMS = 8192
 
 
 class PickledDataset(Dataset[Any, Any]):
@@ -446,6 +450,10 @@ class PickledDataset(Dataset[Any, Any]):
                 keys = [key for unit in units for key in unit.keys]
                 items = [item for unit in units for item in unit.batch]
                 await anyio.to_thread.run_sync(_write_chunk, encoder, sink, keys, items)
+                # Small items: let more of them gather while a write runs, so
+                # that a hop carries more (1M tiny items: 1.3x with 8k a hop).
+                per_item = max(1, encoder.position // max(1, encoder.count))
+                engine.hold(min(_HOLD_ITEMS, _HOLD_BYTES // per_item))
                 if bar is not None:
                     bar.update(len(keys))
             await anyio.to_thread.run_sync(_finish, encoder, sink, context)
