@@ -646,7 +646,7 @@ class WorkerPool:
         by_future: dict[asyncio.Future[Any], _Chunk] = {}
         for chunk in chunks:
             assert chunk.future is not None
-            chunk.wrapped = asyncio.wrap_future(chunk.future)
+            chunk.wrapped = _follow(chunk.future)
             by_future[chunk.wrapped] = chunk
         results: list[Any] = [None] * len(args_list)
         pending = set(by_future)
@@ -773,12 +773,12 @@ class WorkerPool:
             future = chunk.future
             if future is None:
                 continue
-            if self._client is not None:
-                if not future.done():
+            if not future.done():
+                if self.kind == "remote":
                     remote.append(future)
-            elif not future.done() and not future.cancel():
-                chunk.ask_to_stop()
-                running.append(future)
+                elif not future.cancel():
+                    chunk.ask_to_stop()
+                    running.append(future)
             wrapped = chunk.wrapped
             if wrapped is not None:
                 if not wrapped.done():
@@ -789,10 +789,15 @@ class WorkerPool:
             if chunk.segment is not None:
                 segment = chunk.segment
                 future.add_done_callback(lambda _, s=segment: _close_quietly(s))  # type: ignore[misc]
-        if remote:
+        if remote and self._client is not None:
             sent = self._drop_remote(remote)
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([sent])
+        elif remote:
+            # Another executor's cancel may wait for a remote party (Dask's own
+            # executor makes a round trip per future): never on the loop.
+            with anyio.CancelScope(shield=True):
+                running += await anyio.to_thread.run_sync(_cancel_each, remote)
         if wait_running and running:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([asyncio.wrap_future(f) for f in running])
@@ -835,6 +840,40 @@ def _need_cloudpickle(executor: Any) -> None:
             f"executor={executor!r} ships callables to other processes with cloudpickle, "
             f"which is not installed: pip install 'mlworkflow-async[process]'"
         ) from None
+
+
+def _follow(future: cf.Future[Any]) -> asyncio.Future[Any]:
+    """An asyncio future that follows ``future`` one way: cancelling it leaves ``future``.
+
+    ``asyncio.wrap_future`` cancels the source from the loop, and the
+    source's cancel may block (a remote executor's): :meth:`WorkerPool._settle`
+    cancels sources itself, where it is safe.
+    """
+    loop = asyncio.get_running_loop()
+    follower: asyncio.Future[Any] = loop.create_future()
+
+    def copy(done: cf.Future[Any]) -> None:
+        if follower.done():
+            return
+        if done.cancelled():
+            follower.cancel()
+        elif (exc := done.exception()) is not None:
+            follower.set_exception(exc)
+        else:
+            follower.set_result(done.result())
+
+    def settled(done: cf.Future[Any]) -> None:
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(copy, done)
+
+    future.add_done_callback(settled)
+    return follower
+
+
+def _cancel_each(futures: list[cf.Future[Any]]) -> list[cf.Future[Any]]:
+    """Cancel ``futures``; return those already running (which cannot be)."""
+    return [future for future in futures if not future.cancel()]
 
 
 def _close_quietly(segment: mmap.mmap) -> None:
