@@ -323,6 +323,23 @@ async def test_leaving_a_stream_early_on_a_dask_cluster_drops_queued_work(
     assert counts == ([9] if given == "client" else [1] * 9)
 
 
+async def test_a_dask_stream_left_after_the_default_executor_shut_down(
+    dask_client: Any,
+) -> None:
+    # As when asyncio.run ends: the loop's default executor is gone, and the
+    # cancel message must still go out without hanging the stream's close.
+    parent = DictDataset({k: k for k in range(200)})
+    ds = TransformedDataset(parent, [tenfold], executor=dask_client)
+    stream = ds.batches(2, collate_fn=list, concurrency=32)
+    assert await stream.__anext__() == ([0, 1], [0, 10])
+    await asyncio.get_running_loop().shutdown_default_executor()
+    with anyio.fail_after(30):
+        await stream.aclose()
+        await ds.aclose()
+        while any((await anyio.to_thread.run_sync(dask_client.processing)).values()):
+            await anyio.sleep(0.01)
+
+
 @pytest.mark.parametrize("executor", ["thread", "process"])
 async def test_a_failure_names_key_and_transform_with_the_worker_traceback(
     executor: str, parent: DictDataset[int, int]

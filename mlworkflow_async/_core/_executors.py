@@ -817,7 +817,12 @@ class WorkerPool:
         futures, self._dropping, self._drop_sent = self._dropping, [], None
         executor = self._given
         assert isinstance(executor, ClientExecutor)
-        sent = asyncio.get_running_loop().run_in_executor(None, executor.drop, futures)
+        try:
+            sent = asyncio.get_running_loop().run_in_executor(None, executor.drop, futures)
+        except RuntimeError:  # the loop's default executor is shut down already
+            threading.Thread(target=executor.drop, args=(futures,), daemon=True).start()
+            told.set_result(None)
+            return
 
         def done(sent: asyncio.Future[None]) -> None:
             # A client closed meanwhile cannot run the work either: nothing to report.
