@@ -168,19 +168,27 @@ async def test_cached_items_are_read_without_any_thread(dataset: PickledDataset)
 
 
 async def test_uncached_items_are_read_in_a_thread(dataset: PickledDataset) -> None:
-    evict(dataset)
     keys = [Key("k", 1), Key("k", 1234)]
-    # Asked without reading: a probing read would start the kernel's readahead
-    # and the pages could be back before the dataset reads them.
-    if not all(uncached(dataset, key) for key in keys):
-        pytest.skip("the page cache kept the file")
-    async with ThreadsTaken():
-        task = asyncio.create_task(dataset.query_items(keys))
-        await spin(50)
-        assert not task.done()  # it waits for a worker thread, not on the loop
-    first, second = await task
-    assert_same(ITEMS[keys[1]], second)
-    assert_same(ITEMS[keys[0]], first)
+    inline = 0
+    for _ in range(3):
+        evict(dataset)
+        # Asked without reading: a probing read would start the kernel's readahead
+        # and the pages could be back before the dataset reads them.
+        if not all(uncached(dataset, key) for key in keys):
+            pytest.skip("the page cache kept the file")
+        async with ThreadsTaken():
+            task = asyncio.create_task(dataset.query_items(keys))
+            await spin(50)
+            waited = not task.done()  # it waits for a worker thread, not on the loop
+        first, second = await task
+        assert_same(ITEMS[keys[1]], second)
+        assert_same(ITEMS[keys[0]], first)
+        if waited:
+            return
+        # Served at once: a readahead begun before the eviction may have put the
+        # pages back meanwhile (seen on a loaded machine); never three times over.
+        inline += 1
+    pytest.fail(f"uncached items were served on the loop {inline} times out of 3")
 
 
 async def test_item_by_item_loops_let_other_tasks_run(dataset: PickledDataset) -> None:

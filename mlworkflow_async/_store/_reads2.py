@@ -196,9 +196,9 @@ class Reader2(_reads.FileReader):
     def _bad(self, key: object) -> Exception:
         return corrupt(self.path, f"item {key!r} is damaged (checksum mismatch)")
 
-    def _decode(self, key: object, entry: Entry2, buf: bytearray, skip: int) -> Any:
-        _offset, span, plen, buffers, crc = entry
-        view = memoryview(buf)[skip:skip + span]
+    def _decode(self, key: object, entry: Entry2, view: memoryview) -> Any:
+        """The item of ``entry`` from ``view``, its span's bytes, once checked."""
+        _offset, _span, plen, buffers, crc = entry
         if self.csum(view) != crc:
             raise self._bad(key)
         try:
@@ -233,9 +233,9 @@ class Reader2(_reads.FileReader):
             # Room to start the span at the offset's remainder modulo 8, so that the
             # arrays, aligned in the file, are aligned in memory.
             skip = entry[0] % 8
-            buf = bytearray(span + skip)
+            view = memoryview(bytearray(span + skip))[skip:]
             try:
-                got = preadv(fd, (memoryview(buf)[skip:],), entry[0], nowait)
+                got = preadv(fd, (view,), entry[0], nowait)
             except BlockingIOError:
                 got = -1
             except OSError as exc:
@@ -246,7 +246,7 @@ class Reader2(_reads.FileReader):
             if got != span:
                 cold.append(index)
             else:
-                out[index] = self._decode(keys[index], entry, buf, skip)
+                out[index] = self._decode(keys[index], entry, view)
         return cold
 
     def _read_blocking2(
@@ -264,9 +264,9 @@ class Reader2(_reads.FileReader):
                 b - a >= MAP_THRESHOLD for a, b in buffers
             ):
                 skip = offset % 8
-                buf = bytearray(span + skip)
-                self._fill(handle.fd, key, memoryview(buf)[skip:], offset)
-                out[index] = self._decode(key, entry, buf, skip)
+                view = memoryview(bytearray(span + skip))[skip:]
+                self._fill(handle.fd, key, view, offset)
+                out[index] = self._decode(key, entry, view)
             else:
                 out[index] = self._mapped(handle, key, entry)
 
