@@ -21,9 +21,14 @@ __all__ = ["ClientExecutor", "is_dask_client"]
 
 
 def is_dask_client(executor: Any) -> bool:
-    """True for a ``dask.distributed.Client``, recognised without importing dask."""
-    return callable(getattr(executor, "get_executor", None)) and callable(
-        getattr(executor, "cancel", None)
+    """True for a ``dask.distributed.Client`` (or a subclass), recognised without importing dask.
+
+    >>> is_dask_client(object())
+    False
+    """
+    return any(
+        kind.__name__ == "Client" and kind.__module__.split(".")[0] == "distributed"
+        for kind in type(executor).__mro__
     )
 
 
