@@ -59,21 +59,21 @@ class ClientExecutor(cf.Executor):
         return local
 
     async def _settle(self, local: cf.Future[Any], remote: Any) -> None:
+        value: Any = None
+        error: BaseException | None = None
         try:
             value = await self.client.gather(remote, asynchronous=True)
         except BaseException as exc:
-            outcome: tuple[bool, Any] = (False, exc)
-        else:
-            outcome = (True, value)
+            error = exc
         with self._lock:
             self._remote.pop(local, None)
         with contextlib.suppress(cf.InvalidStateError):  # cancelled here meanwhile
             if remote.status == "cancelled":
                 local.cancel()
-            elif outcome[0]:
-                local.set_result(outcome[1])
+            elif error is not None:
+                local.set_exception(error)
             else:
-                local.set_exception(outcome[1])
+                local.set_result(value)
 
     def drop(self, futures: Iterable[cf.Future[Any]]) -> None:
         """Cancel ``futures`` (made here) in one message.

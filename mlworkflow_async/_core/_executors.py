@@ -52,6 +52,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ..exceptions import WorkerDiedError
@@ -385,7 +386,7 @@ class WorkerPool:
         self._client: Any = None
         # Futures of a Dask client to cancel together (see _drop_remote).
         self._dropping: list[cf.Future[Any]] = []
-        self._drop_sent: asyncio.Future[None] | None = None
+        self._drop_sent: anyio.Event | None = None
         if executor in KINDS:
             if workers is not None and (
                 isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
@@ -790,9 +791,8 @@ class WorkerPool:
                 segment = chunk.segment
                 future.add_done_callback(lambda _, s=segment: _close_quietly(s))  # type: ignore[misc]
         if remote and self._client is not None:
-            sent = self._drop_remote(remote)
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([sent])
+                await self._drop_remote(remote)
         elif remote:
             # Another executor's cancel may wait for a remote party (Dask's own
             # executor makes a round trip per future): never on the loop.
@@ -802,35 +802,26 @@ class WorkerPool:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([asyncio.wrap_future(f) for f in running])
 
-    def _drop_remote(self, futures: list[cf.Future[Any]]) -> asyncio.Future[None]:
-        """A future done once the scheduler has been told to cancel ``futures``."""
+    async def _drop_remote(self, futures: list[cf.Future[Any]]) -> None:
+        """Have the scheduler cancel ``futures``, with those of every batch settling now."""
         # The batches of a stream left early all settle in one turn of the
-        # loop: their futures go out together, in one cancel message.
-        loop = asyncio.get_running_loop()
-        if self._drop_sent is None:
-            self._drop_sent = loop.create_future()
-            loop.call_soon(self._send_drops, self._drop_sent)
+        # loop: the first waits for that turn to end, then sends every
+        # batch's futures in one cancel message; the others wait for it.
         self._dropping.extend(futures)
-        return self._drop_sent
-
-    def _send_drops(self, told: asyncio.Future[None]) -> None:
-        futures, self._dropping, self._drop_sent = self._dropping, [], None
-        executor = self._given
-        assert isinstance(executor, ClientExecutor)
-        try:
-            sent = asyncio.get_running_loop().run_in_executor(None, executor.drop, futures)
-        except RuntimeError:  # the loop's default executor is shut down already
-            threading.Thread(target=executor.drop, args=(futures,), daemon=True).start()
-            told.set_result(None)
+        if self._drop_sent is not None:
+            await self._drop_sent.wait()
             return
-
-        def done(sent: asyncio.Future[None]) -> None:
+        sent = self._drop_sent = anyio.Event()
+        try:
+            await anyio.lowlevel.checkpoint()
+            dropping, self._dropping, self._drop_sent = self._dropping, [], None
+            executor = self._given
+            assert isinstance(executor, ClientExecutor)
             # A client closed meanwhile cannot run the work either: nothing to report.
-            if not sent.cancelled():
-                sent.exception()
-            told.set_result(None)
-
-        sent.add_done_callback(done)
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(executor.drop, dropping)
+        finally:
+            sent.set()
 
 
 def _no_pool() -> None:
