@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,15 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
     with anyio.fail_after(timeout):
         while not condition():
             await asyncio.sleep(0.001)
+
+
+def block_until_exists(path: str, timeout: float = 10.0) -> None:
+    """Block the calling thread (a worker's) until ``path`` exists, for at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import concurrent.futures as cf
 import os
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from mlworkflow_async import (
     WorkerDiedError,
 )
 
-from .conftest import wait_until
+from .conftest import block_until_exists, wait_until
 
 EXECUTORS = [None, "thread", "process"]
 
@@ -243,11 +242,7 @@ async def test_leaving_a_stream_early_cancels_queued_work(parent: DictDataset[in
 def started_then_wait(key: int, folder: str) -> int:
     """Mark ``key`` as started, then wait (bounded) for the file ``gate`` in ``folder``."""
     open(os.path.join(folder, f"started-{key}"), "w").close()
-    deadline = time.monotonic() + 10
-    while not os.path.exists(os.path.join(folder, "gate")):
-        if time.monotonic() > deadline:
-            raise TimeoutError(folder)
-        time.sleep(0.002)
+    block_until_exists(os.path.join(folder, "gate"))
     return key
 
 

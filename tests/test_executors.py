@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from mlworkflow_async._core._executors import WorkerPool, worker_pool
 from mlworkflow_async.exceptions import WorkerDiedError
 
-from .conftest import wait_until
+from .conftest import block_until_exists, wait_until
 
 
 def scale(key: int, value: int) -> int:
@@ -48,11 +47,7 @@ def fail_on_2(key: int, value: int) -> int:
 
 def wait_for_file(key: int, path: str) -> int:
     """Block until ``path`` exists (bounded), then record ``key`` in it."""
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.002)
+    block_until_exists(path)
     with open(path, "a") as f:
         f.write(f"{key}\n")
     return key
