@@ -7,6 +7,7 @@ makes opening independent of the number of items.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import pickle
 import random
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from mlworkflow_async import PickledDataset
-from mlworkflow_async._store._format2 import HEADER2, int_key_bytes
+from mlworkflow_async._store._format2 import HEADER2, int_key_bytes, int_keys_bytes
 from mlworkflow_async._store._index2 import EAGER_BYTES, Index2
 from mlworkflow_async._store._reads2 import open_index
 from mlworkflow_async._store._safe_unpickler import make_loads
@@ -193,5 +194,20 @@ def test_int_keys_are_spelled_as_the_pickler_spells_them() -> None:
              -(2**31), -(2**31) - 1, 2**63, -(2**63), 10**40, -(10**40)]
     rng = random.Random(5)
     samples = [rng.randrange(-(2**40), 2**40) for _ in range(2000)]
-    for key in [*edges, *range(-1000, 70000, 7), *samples]:
+    keys = [*edges, *range(-1000, 70000, 7), *samples]
+    for key in keys:
         assert int_key_bytes(key) == pickled(key), key
+    # Whole chunks are spelled at once when every key fits 32 bits, else not at all.
+    fitting = [key for key in keys if -(2**31) <= key < 2**31]
+    joined = int_keys_bytes(fitting)
+    assert joined is not None
+    blob, bounds = joined
+    assert len(bounds) == len(fitting) + 1
+    assert bounds[0] == 0
+    assert bounds[-1] == len(blob)
+    assert [blob[a:b] for a, b in itertools.pairwise(bounds.tolist())] == list(
+        map(pickled, fitting)
+    )
+    assert int_keys_bytes([*fitting[:10], 2**31]) is None
+    assert int_keys_bytes([10**40]) is None
+    assert int_keys_bytes([]) is not None

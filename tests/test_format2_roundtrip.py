@@ -19,6 +19,7 @@ from mlworkflow_async._store._batch_buffers import BatchBuffers
 from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format2 import FOOTER, FOOTER_SIZE, HEADER2, key_bytes
 from mlworkflow_async._store._reads2 import Reader2
+from mlworkflow_async._store._writes import AtomicFile
 from mlworkflow_async.exceptions import CorruptFileError
 
 from ._pickled_util import Key, assert_same, small_items, write_file
@@ -164,6 +165,55 @@ def test_hash_collisions_are_resolved_by_comparing_bytes(tmp_path: Path) -> None
         for absent in (-1, 5000, "0", (0,)):
             with pytest.raises(KeyError):
                 ds.sync.query_item(absent)
+
+
+PLAIN: dict[Any, Any] = {
+    0: 0, 1: -(10**30), 255: 2.5, 256: "text", 65535: b"raw", 65536: True, -1: None,
+    2**31 - 1: "", -(2**31): b"", 7: b"x" * 200_000,  # a large pickle, written as it is
+}
+
+
+def _write_chunks(path: Path, chunks: list[dict[Any, Any]]) -> None:
+    """A format 2 file written one given chunk per ``encode`` call."""
+    sink = AtomicFile(str(path))
+    sink.write([_format2.header2()])
+    encoder = _format2.Encoder2(str(path))
+    for chunk in chunks:
+        sink.write(encoder.encode(list(chunk), list(chunk.values())))
+    encoder.finish(None, sink.write)
+    sink.commit()
+
+
+def test_plain_items_and_int_keys_of_every_width_read_back(tmp_path: Path) -> None:
+    # Items the pickler writes itself, and 32-bit int keys, are encoded a chunk at a
+    # time; a key past 32 bits or an item needing a reducer sends its chunk the
+    # general way. Every item keeps its value and its type.
+    from mlworkflow_async.__main__ import main
+
+    chunks = [PLAIN, {2**40: "wide key", -(2**31) - 1: 1}, {"str key": 3, 9: np.arange(3)}, {}]
+    target = tmp_path / "plain.pkl"
+    _write_chunks(target, chunks)
+    items = {key: item for chunk in chunks for key, item in chunk.items()}
+    with PickledDataset(target) as ds:
+        assert ds.sync.keys.all() == list(items)
+        for key, item in zip(items, ds.sync.query_items(list(items)), strict=True):
+            assert_same(items[key], item)
+            assert type(item) is type(items[key])
+    assert main(["verify", str(target)]) == 0
+
+
+def test_pickles_too_long_for_an_entry_use_the_extended_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An entry holds a pickle's length in 30 bits; longer pickles (over 1 GiB) get a
+    # row of the extended table. A smaller limit exercises both encoders.
+    monkeypatch.setattr(_format2, "LOW", 63)
+    chunks = [{0: b"a" * 100, 1: "short"}, {2: {"d": "b" * 100}, 3: [1]}]
+    target = tmp_path / "long.pkl"
+    _write_chunks(target, chunks)
+    with PickledDataset(target) as ds:
+        assert ds.sync.query_items([0, 1, 2, 3]) == [b"a" * 100, "short", {"d": "b" * 100}, [1]]
+        assert ds._reader.index.footer.ext_count == 2
 
 
 async def test_batches_of_large_arrays_are_read_into_place(tmp_path: Path) -> None:

@@ -151,6 +151,8 @@ def capacity(count: int) -> int:
 # -- keys ----------------------------------------------------------------
 
 _PLAIN = frozenset({int, str, bytes, float})
+#: Types the pickler writes itself, never calling ``reducer_override``.
+_ATOMS = frozenset({int, str, bytes, float, bool, type(None)})
 
 
 def _framed_off(data: bytes) -> bytes:
@@ -178,6 +180,45 @@ def int_key_bytes(key: int) -> bytes:
     if -0x80000000 <= key < 0x80000000:
         return b"\x80\x05J" + key.to_bytes(4, "little", signed=True) + b"."
     return _framed_off(pickle.dumps(key, PROTOCOL))
+
+
+def int_keys_bytes(keys: Sequence[int]) -> tuple[bytes, Any] | None:
+    """The :func:`int_key_bytes` of many ``int`` keys, joined, and where each starts and ends.
+
+    Built with numpy in a few passes (writing 1M int keys: 2x quicker than
+    one call a key); None if a key does not fit 32 bits.
+
+    >>> keys = [0, 255, 256, 65535, 65536, -1, 2**31 - 1, -2**31]
+    >>> blob, bounds = int_keys_bytes(keys)
+    >>> [blob[a:b] for a, b in itertools.pairwise(bounds)] == list(map(int_key_bytes, keys))
+    True
+    """
+    n = len(keys)
+    try:
+        values = np.fromiter(keys, dtype=np.int64, count=n)
+    except OverflowError:
+        return None
+    if n and (int(values.min()) < -0x80000000 or int(values.max()) >= 0x80000000):
+        return None
+    one = (values >= 0) & (values < 256)
+    two = (values >= 256) & (values < 65536)
+    four = ~(one | two)
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.where(one, 5, np.where(two, 6, 8)), out=bounds[1:])
+    starts = bounds[:-1]
+    out = np.empty(int(bounds[-1]), dtype=np.uint8)
+    out[starts] = 0x80
+    out[starts + 1] = PROTOCOL
+    out[starts + 2] = np.where(one, ord("K"), np.where(two, ord("M"), ord("J")))
+    # Two's complement of the low 32 bits, little-endian: what ``J`` holds.
+    spelled = (values & 0xFFFFFFFF).astype("<u4").view(np.uint8).reshape(n, 4)
+    out[starts + 3] = spelled[:, 0]
+    wide = ~one
+    out[starts[wide] + 4] = spelled[wide, 1]
+    out[starts[four] + 5] = spelled[four, 2]
+    out[starts[four] + 6] = spelled[four, 3]
+    out[bounds[1:] - 1] = ord(".")
+    return out.tobytes(), bounds
 
 
 def key_bytes(key: Any) -> bytes:
@@ -301,6 +342,23 @@ class Encoder2:
         if len(keys) != len(items):
             raise ValueError(f"{len(keys)} keys for {len(items)} items")
         key_parts = self._key_parts(keys)
+        n = len(items)
+        base = self.position
+        if set(map(type, items)) <= _ATOMS:
+            # Items the pickler writes without a reducer (labels, paths, encoded
+            # bytes) are pickled one call each, with no bookkeeping between
+            # them (encoding int items: 1.3x quicker than the loop below).
+            pieces = list(map(pickle.dumps, items, itertools.repeat(PROTOCOL)))
+            lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=n)
+            bounds = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=bounds[1:])
+            self.position = base + int(bounds[-1])
+            sums = list(map(csum, pieces))
+            long = np.flatnonzero(lengths > LOW).tolist()
+            infos = [(i, self._extended(int(lengths[i]), ())) for i in long]
+            self._add_entries(bounds[:-1] + base, lengths, infos, sums, key_parts)
+            # Large pickles (encoded images, say) are written as they are, not copied.
+            return pieces if n and int(lengths.max()) >= _COPY_LIMIT else [b"".join(pieces)]
         blob = bytearray()
         oob: list[pickle.PickleBuffer] = []
         pickler = ItemPickler(_Target(blob), PROTOCOL, buffer_callback=oob.append)
@@ -324,9 +382,7 @@ class Encoder2:
                 oob.clear()
             elif len(blob) - start > LOW:
                 chunk.special.append((index, self._extended(len(blob) - start, ())))
-        n = len(starts)
         starts.append(len(blob))
-        base = self.position
         large = chunk.large
         self.position = base + chunk.extra + len(blob)
         view = memoryview(blob)
@@ -337,27 +393,10 @@ class Encoder2:
                 self._span_sum(view, large, starts, chunk.marks.get(i), i) for i in range(n)
             ]
         bounds = np.asarray(starts, dtype=np.int64)
-        table = np.empty(n, dtype=[("offset", "<u8"), ("info", "<u4"), ("crc", "<u4")])
         offsets = bounds[:-1] + base
         for after, extra in chunk.jumps:  # large buffers, outside blob, push what follows
             offsets[after:] += extra
-        table["offset"] = offsets
-        # Tag 0 (no buffers): the info is the pickle's length, the whole span.
-        table["info"] = np.diff(bounds) & LOW
-        if chunk.special:
-            where, infos = zip(*chunk.special, strict=True)
-            table["info"][list(where)] = infos
-        table["crc"] = sums
-        self._entries.write(table.tobytes())
-        key_sums = np.fromiter(map(csum, key_parts), dtype=np.uint64, count=n)
-        self._hashes.append(((key_sums * np.uint64(_GOLDEN)) & np.uint64(_MASK32)).astype("<u4")
-                            .tobytes())
-        lengths = np.fromiter(map(len, key_parts), dtype="<u8", count=n)
-        ends = np.cumsum(lengths, dtype="<u8") + np.uint64(self._key_total)
-        self._key_total += int(lengths.sum())
-        self._key_ends.write(ends.tobytes())
-        self._key_bytes.write(b"".join(key_parts))
-        self.count += n
+        self._add_entries(offsets, np.diff(bounds), chunk.special, sums, key_parts)
         if not large:
             return [blob]
         parts: list[Any] = []
@@ -367,6 +406,39 @@ class Encoder2:
             done = at
         parts.append(view[done:])
         return parts
+
+    def _add_entries(
+        self,
+        offsets: Any,
+        lengths: Any,
+        special: Sequence[tuple[int, int]],
+        sums: list[int],
+        key_parts: tuple[bytes, Any],
+    ) -> None:
+        """Record a chunk's entries (``special`` holds the infos of tagged items) and keys."""
+        csum = self.csum
+        n = len(sums)
+        table = np.empty(n, dtype=[("offset", "<u8"), ("info", "<u4"), ("crc", "<u4")])
+        table["offset"] = offsets
+        # Tag 0 (no buffers): the info is the pickle's length, the whole span.
+        table["info"] = lengths & LOW
+        if special:
+            where, infos = zip(*special, strict=True)
+            table["info"][list(where)] = infos
+        table["crc"] = sums
+        self._entries.write(table.tobytes())
+        key_blob, key_bounds = key_parts
+        view = memoryview(key_blob)
+        key_sums = np.fromiter(
+            (csum(view[a:b]) for a, b in itertools.pairwise(key_bounds.tolist())),
+            dtype=np.uint64, count=n,
+        )
+        self._hashes.append(((key_sums * np.uint64(_GOLDEN)) & np.uint64(_MASK32)).astype("<u4")
+                            .tobytes())
+        self._key_ends.write((key_bounds[1:] + self._key_total).astype("<u8").tobytes())
+        self._key_total += len(key_blob)
+        self._key_bytes.write(key_blob)
+        self.count += n
 
     def _span_sum(
         self,
@@ -387,10 +459,12 @@ class Encoder2:
             done = at
         return csum(view[done:starts[item + 1]], value)
 
-    def _key_parts(self, keys: Sequence[Any]) -> list[bytes]:
-        """The pickled bytes of ``keys`` (see :func:`key_bytes`)."""
+    def _key_parts(self, keys: Sequence[Any]) -> tuple[bytes, Any]:
+        """The pickled bytes of ``keys`` (see :func:`key_bytes`), joined, and their bounds."""
         if set(map(type, keys)) <= {int}:  # the common case
-            return list(map(int_key_bytes, keys))
+            joined = int_keys_bytes(keys)
+            if joined is not None:
+                return joined
         parts = []
         for key in keys:
             try:
@@ -400,7 +474,9 @@ class Encoder2:
                     f"key {key!r} cannot be pickled into {self.path}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-        return parts
+        bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
+        return b"".join(parts), bounds
 
     def _buffers(
         self,
