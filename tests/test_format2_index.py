@@ -139,6 +139,39 @@ def test_a_damaged_block_of_a_large_index_is_found_when_touched(tmp_path: Path) 
             ds._reader.index.check_all()
 
 
+def test_keys_0_to_n_in_order_are_found_without_the_hash_table(tmp_path: Path) -> None:
+    # A file of indices (keys 0, 1, 2, ... in file order) finds key k as the k-th
+    # item: no block of the hash table or of its fingerprints is read.
+    path = tmp_path / "range.pkl"
+    write_file(path, {i: -i for i in range(70_000)})
+    with PickledDataset(path) as ds:
+        index = ds._reader.index
+        assert isinstance(index, Index2)
+        f = index.footer
+        assert f.blocks > EAGER_BYTES  # checked lazily: the blocks touched are known
+        keys = [0, 1, 69_999, *range(0, 70_000, 997)]
+        assert ds.sync.query_items(keys) == [-k for k in keys]
+        table = range(-(-f.table // f.block), f.ext // f.block)
+        assert len(table) > 0
+        assert not any(index._verified[number] for number in table)
+        for absent in (-1, 70_000, 3.5, "3", (3,)):  # these probe the table
+            with pytest.raises(KeyError):
+                ds.sync.query_item(absent)
+
+
+@pytest.mark.parametrize("first", ["x", 1, 5])
+def test_int_keys_not_at_their_place_are_found_by_the_table(tmp_path: Path, first: Any) -> None:
+    path = tmp_path / "mixed.pkl"
+    items = {first: "a", 1: "b", 0: "c", 3: "d", 2: "e"} if first != 1 else {1: "b", 0: "c"}
+    write_file(path, items)
+    with PickledDataset(path) as ds:
+        for _ in range(2):  # before and after the first miss
+            assert ds.sync.query_items(list(items)) == list(items.values())
+            for absent in (4, 6, -1):
+                with pytest.raises(KeyError):
+                    ds.sync.query_item(absent)
+
+
 _MEASURE_CREATE = """
 import asyncio, gc, sys
 from mlworkflow_async import DictDataset, PickledDataset

@@ -211,6 +211,7 @@ class Index2:
         self._capacity = capacity(f.item_count)
         self._context: dict[str, Any] | None = None
         self._context_loaded = False
+        self._ranged = True  # see locate()
 
     def __len__(self) -> int:
         return self.item_count
@@ -242,7 +243,17 @@ class Index2:
     def locate(self, key: Any) -> Entry2:
         """The entry of ``key``; ``KeyError`` if it is not in the file."""
         try:
-            pickled = int_key_bytes(key) if type(key) is int else key_bytes(key)
+            if type(key) is int:
+                pickled = int_key_bytes(key)
+                # Keys 0, 1, 2, ... in file order (a dataset of indices): key k is
+                # tried as the k-th item before the table; one miss proves the
+                # keys are not such a range, and stops the tries.
+                if self._ranged and 0 <= key < self.item_count:
+                    if self.key_bytes_of(key) == pickled:
+                        return self.entry(key)
+                    self._ranged = False
+            else:
+                pickled = key_bytes(key)
             return self.entry(self.find(pickled, key))
         except (KeyError, pickle.PicklingError, TypeError, AttributeError, RecursionError):
             try:
@@ -303,6 +314,27 @@ class Index2:
                     return int(number)
             slot += 1
         raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}")
+
+    def key_bytes_of(self, number: int) -> Any:
+        """The pickled key of the item stored ``number``-th (``0 <= number < len(self)``)."""
+        width, base = self._width, self._entries_at
+        at = self._offsets_at + number * width
+        lazy, verified, shift = self._lazy, self._verified, self._shift
+        # As in find(): a block's flag is tested here, check() called only when unset.
+        if lazy and not (
+            verified[(at - base) >> shift] and verified[(at - base + 2 * width - 1) >> shift]
+        ):
+            self.check(at - base, 2 * width)
+        a, b = self._pair.unpack_from(self._buffer, at)
+        if not a <= b <= self._keys_length:
+            raise corrupt(self.name, "its index places a key outside its key bytes")
+        at = self._keys_at + a
+        if lazy and not (
+            b - a <= self.footer.block
+            and verified[(at - base) >> shift] and verified[(at - base + b - a - 1) >> shift]
+        ):
+            self.check(at - base, b - a)
+        return self._buffer[at:self._keys_at + b]
 
     def _empty(self, slot: int) -> bool:
         at = self._table_at + slot * self._width
