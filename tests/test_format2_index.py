@@ -139,24 +139,30 @@ def test_a_damaged_block_of_a_large_index_is_found_when_touched(tmp_path: Path) 
             ds._reader.index.check_all()
 
 
-def test_keys_0_to_n_in_order_are_found_without_the_hash_table(tmp_path: Path) -> None:
-    # A file of indices (keys 0, 1, 2, ... in file order) finds key k as the k-th
-    # item: no block of the hash table or of its fingerprints is read.
+@pytest.mark.parametrize("first", [0, 70_000, -5])
+def test_consecutive_int_keys_are_found_without_the_hash_table(
+    tmp_path: Path, first: int
+) -> None:
+    # A file of indices (keys first, first + 1, ... in file order, as in a dataset
+    # of indices or a shard of one) finds each key at its place: no block of the
+    # hash table or of its fingerprints is read.
+    n = 70_000
     path = tmp_path / "range.pkl"
-    write_file(path, {i: -i for i in range(70_000)})
+    write_file(path, {i: -i for i in range(first, first + n)})
     with PickledDataset(path) as ds:
         index = ds._reader.index
         assert isinstance(index, Index2)
         f = index.footer
         assert f.blocks > EAGER_BYTES  # checked lazily: the blocks touched are known
-        keys = [0, 1, 69_999, *range(0, 70_000, 997)]
+        keys = [first + k for k in (n - 1, 0, 1, *range(0, n, 997))]
         assert ds.sync.query_items(keys) == [-k for k in keys]
         table = range(-(-f.table // f.block), f.ext // f.block)
         assert len(table) > 0
         assert not any(index._verified[number] for number in table)
-        for absent in (-1, 70_000, 3.5, "3", (3,)):  # these probe the table
+        for absent in (first - 1, first + n, 3.5, str(first), (first,)):  # these probe it
             with pytest.raises(KeyError):
                 ds.sync.query_item(absent)
+        assert ds.sync.query_items(keys) == [-k for k in keys]
 
 
 @pytest.mark.parametrize("first", ["x", 1, 5])

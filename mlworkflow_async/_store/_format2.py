@@ -62,9 +62,10 @@ Footer, the last 144 bytes
 
 Opening reads the header and footer, then maps (or reads, for a remote
 file) the index region: nothing is built per key. A lookup pickles the key,
-hashes it, probes the table and compares bytes. An int key ``k`` is first
-compared with the ``k``-th key, which is ``k`` in a file of the keys 0, 1,
-2, ... in order (a dataset of indices); the first mismatch stops these tries.
+hashes it, probes the table and compares bytes. In a file of the keys
+``first, first + 1, ...`` in order (a dataset of indices, or a shard of
+one), an int key ``k`` is the ``(k - first)``-th: readers compare it with
+that key before probing (``first`` guessed 0, then read from part 6).
 :attr:`keys` are unpickled from part 6 only when asked for.
 """
 

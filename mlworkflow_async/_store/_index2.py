@@ -211,7 +211,8 @@ class Index2:
         self._capacity = capacity(f.item_count)
         self._context: dict[str, Any] | None = None
         self._context_loaded = False
-        self._ranged = True  # see locate()
+        self._first: int | None = 0  # see locate()
+        self._first_unread = True
 
     def __len__(self) -> int:
         return self.item_count
@@ -245,13 +246,23 @@ class Index2:
         try:
             if type(key) is int:
                 pickled = int_key_bytes(key)
-                # Keys 0, 1, 2, ... in file order (a dataset of indices): key k is
-                # tried as the k-th item before the table; one miss proves the
-                # keys are not such a range, and stops the tries.
-                if self._ranged and 0 <= key < self.item_count:
-                    if self.key_bytes_of(key) == pickled:
-                        return self.entry(key)
-                    self._ranged = False
+                # Keys first, first + 1, ... in file order (a dataset of indices,
+                # or a shard of one): key k is tried as the (k - first)-th item
+                # before the table. ``first`` is guessed 0, then read from the
+                # file at the first miss; a miss after that proves the keys are
+                # no such range, and stops the tries.
+                first = self._first
+                if first is not None:
+                    number = key - first
+                    inside = 0 <= number < self.item_count
+                    if inside and self.key_bytes_of(number) == pickled:
+                        return self.entry(number)
+                    if self._first_unread and self.item_count:
+                        self._first = self._first_key()
+                        if self._first is not None and self._first != first:
+                            return self.locate(key)
+                    elif inside:
+                        self._first = None
             else:
                 pickled = key_bytes(key)
             return self.entry(self.find(pickled, key))
@@ -335,6 +346,16 @@ class Index2:
         ):
             self.check(at - base, b - a)
         return self._buffer[at:self._keys_at + b]
+
+    def _first_key(self) -> int | None:
+        """The first key if it is an int spelled in 32 bits (see locate()), else None."""
+        self._first_unread = True
+        data = bytes(self.key_bytes_of(0))
+        if len(data) > 4 and data[2] in b"KMJ":
+            value = int.from_bytes(data[3:-1], "little", signed=data[2] == ord("J"))
+            if int_key_bytes(value) == data:
+                return value
+        return None
 
     def _empty(self, slot: int) -> bool:
         at = self._table_at + slot * self._width
