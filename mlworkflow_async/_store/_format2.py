@@ -201,7 +201,7 @@ def int_keys_bytes(keys: Sequence[int]) -> tuple[bytes, Any] | None:
         values = np.fromiter(keys, dtype=np.int64, count=n)
     except OverflowError:
         return None
-    if n and (int(values.min()) < -0x80000000 or int(values.max()) >= 0x80000000):
+    if n and (int(np.min(values)) < -0x80000000 or int(np.max(values)) >= 0x80000000):
         return None
     one = (values >= 0) & (values < 256)
     two = (values >= 256) & (values < 65536)
@@ -361,7 +361,7 @@ class Encoder2:
             infos = [(i, self._extended(int(lengths[i]), ())) for i in long]
             self._add_entries(bounds[:-1] + base, lengths, infos, sums, key_parts)
             # Large pickles (encoded images, say) are written as they are, not copied.
-            return pieces if n and int(lengths.max()) >= _COPY_LIMIT else [b"".join(pieces)]
+            return pieces if n and int(np.max(lengths)) >= _COPY_LIMIT else [b"".join(pieces)]
         blob = bytearray()
         oob: list[pickle.PickleBuffer] = []
         pickler = ItemPickler(_Target(blob), PROTOCOL, buffer_callback=oob.append)
