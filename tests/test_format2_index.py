@@ -178,6 +178,22 @@ def test_int_keys_not_at_their_place_are_found_by_the_table(tmp_path: Path, firs
                     ds.sync.query_item(absent)
 
 
+def test_int_keys_out_of_their_place_stop_the_tries(tmp_path: Path) -> None:
+    # Keys 0 to 99 in shuffled order: "key k is the k-th item" fails at once; the
+    # first key is then read, and the next mismatch inside the range stops the tries
+    # for good (they cost a key comparison per lookup).
+    keys = list(range(100))
+    random.Random(0).shuffle(keys)
+    path = tmp_path / "shuffled.pkl"
+    write_file(path, {key: -key for key in keys})
+    with PickledDataset(path) as ds:
+        index = ds._reader.index
+        assert isinstance(index, Index2)
+        assert ds.sync.query_items(list(range(100))) == [-key for key in range(100)]
+        assert index._first is None
+        assert ds.sync.query_items(keys[:10]) == [-key for key in keys[:10]]
+
+
 _MEASURE_CREATE = """
 import asyncio, gc, sys
 from mlworkflow_async import DictDataset, PickledDataset

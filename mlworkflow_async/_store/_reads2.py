@@ -154,8 +154,7 @@ class Reader2(_reads.FileReader):
     def locate(self, keys: Sequence[Any]) -> list[Entry2]:
         """The entries of ``keys``; ``KeyError`` for a key not in the file."""
         self.check_size()
-        locate = self.index.locate
-        return [locate(key) for key in keys]
+        return self.index.locate_many(keys)
 
     def check_size(self) -> None:
         """Refuse to touch the mapped index of a file that shrank since it was opened.
@@ -204,6 +203,9 @@ class Reader2(_reads.FileReader):
         try:
             if buffers is None:
                 return self._loads(view)
+            if len(buffers) == 1:  # the common case, without a list comprehension (W3a)
+                (a, b), = buffers
+                return self._loads(view[:plen], buffers=(view[a:b],))
             return self._loads(view[:plen], buffers=[view[a:b] for a, b in buffers])
         except Exception as exc:
             raise item_error(self.path, key, exc) from exc
