@@ -4,7 +4,10 @@ The subclass is the common case of a user's own dataset: ``yield_keys`` and
 an ``async def query_item`` returning a small dict. It is compared with the
 original library's ``create`` of the same items, and with our ``create``
 from a :class:`DictDataset` of them (which fetches whole chunks at once):
-the engine should make item-by-item fetching cost about the same.
+the engine should make item-by-item fetching cost about the same. Every side
+is given the same items, built before timing: the subclass looks its items
+up, so that only the way they are fetched differs (building them in
+``query_item`` cost 0.37 µs an item, which only our side paid).
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ def _item(key: int) -> dict[str, Any]:
 
 
 class _Users(Dataset[int, dict[str, Any]]):
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, items: dict[int, dict[str, Any]]) -> None:
+        self.items = items
 
     def yield_keys(self) -> range:
-        return range(self.n)
+        return range(len(self.items))
 
     async def query_item(self, key: int) -> dict[str, Any]:
-        return _item(key)
+        return self.items[key]
 
 
 def _ours(dataset: Dataset[int, Any], path: str, n: int) -> float:
@@ -64,7 +67,7 @@ def run(quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory() as folder:
         for i in range(rounds):  # alternate so drift hits every side alike
             path = os.path.join(folder, f"{i}.pkl")
-            subclass.append(_ours(_Users(n), path, n))
+            subclass.append(_ours(_Users(items), path, n))
             os.remove(path)
             dict_ds.append(_ours(DictDataset(items), path, n))
             os.remove(path)

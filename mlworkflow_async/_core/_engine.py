@@ -207,6 +207,8 @@ class Engine(Generic[K]):
         self._done = set(done)  # units handed out beyond the head
         self._head = self._skip_done(start)  # the first unit not handed out
         self._next = self._head  # the next unit to claim
+        self._room_end = 0  # the first position workers may not claim yet
+        self._update_room()
         self._filling: Unit[K] | None = None  # per item: the unit being claimed
         self._filled = 0  # its keys claimed so far
         self._end: int | None = order.units if isinstance(order, KnownOrder) else None
@@ -285,6 +287,7 @@ class Engine(Generic[K]):
         """
         if items > self._window:
             self._window = items
+            self._update_room()
             if self._room_waiters:
                 self._room_waiters.popleft().set()  # it passes the room on
 
@@ -304,6 +307,7 @@ class Engine(Generic[K]):
             self._head = self._skip_done(index + 1)
         else:
             self._done.add(index)
+        self._update_room()
         stats = self.stats
         stats.batches += 1
         stats.items += len(unit.keys) - len(unit.left_out)
@@ -429,14 +433,23 @@ class Engine(Generic[K]):
             waiters.popleft().set()
 
     def _claimable(self, position: int) -> bool:
+        return position < self._room_end
+
+    def _update_room(self) -> None:
+        """Recompute where claims stop: after each hand-out, and when the window grows.
+
+        Kept as a bound rather than computed per claim, since every item
+        fetched tests it (benchmark W4b).
+        """
         size, window = self._size, self._window
         if self._ordered:
-            return position < self._head * size + window
-        # In completion order the window counts the items not handed out
-        # yet, so a slow item holds back only its own unit; the span behind
-        # it still bounds the units done past the head (the saved state).
-        handed_out = (self._head + len(self._done)) * size
-        return position < min(handed_out + window, self._head * size + SPAN * window)
+            self._room_end = self._head * size + window
+        else:
+            # In completion order the window counts the items not handed out
+            # yet, so a slow item holds back only its own unit; the span behind
+            # it still bounds the units done past the head (the saved state).
+            handed_out = (self._head + len(self._done)) * size
+            self._room_end = min(handed_out + window, self._head * size + SPAN * window)
 
     def _next_index(self) -> int:
         index = self._next
@@ -530,8 +543,8 @@ class Engine(Generic[K]):
         while not self._stopping:
             unit, offset = self._filling, self._filled
             # The hot path: the next key of the unit being claimed, without awaiting.
-            if unit is not None and offset < len(unit.keys) and self._claimable(
-                unit.index * size + offset
+            if unit is not None and offset < len(unit.keys) and (
+                unit.index * size + offset < self._room_end
             ):
                 self._filled = offset + 1
             else:
