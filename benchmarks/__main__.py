@@ -36,6 +36,7 @@ WORKLOADS = [
     "w8_epochs",
     "w_sharded",
     "w_remote",
+    "w10_blocking_view",
 ]
 
 

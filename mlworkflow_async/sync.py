@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from ._core._portal import allow_blocking_in_loop, ensure_blocking_allowed, get_portal
+from ._core._portal import allow_blocking_in_loop, call, ensure_blocking_allowed, get_portal
 from ._runner._blocking import SideRunner, SyncPrefetcher
 from ._store import _pickled
 
@@ -64,12 +64,11 @@ class SyncKeys(Generic[K]):
 
     def __iter__(self) -> Iterator[K]:
         ensure_blocking_allowed("iterating dataset.sync.keys", "`async for key in dataset.keys`")
-        portal = get_portal()
         reader = _Reader()
         self._keys.claim(reader, _KEYS_PER_TRIP)
         start = 0
         while True:
-            chunk = portal.call(self._keys.chunk_from, start, _KEYS_PER_TRIP)
+            chunk = call(self._keys.chunk_from, start, _KEYS_PER_TRIP)
             if not chunk:
                 return
             yield from chunk
@@ -78,7 +77,7 @@ class SyncKeys(Generic[K]):
     def all(self) -> list[K]:
         """Compute every key and return them as a new list."""
         ensure_blocking_allowed("dataset.sync.keys.all()", "`await dataset.keys.all()`")
-        return get_portal().call(self._keys.all)
+        return call(self._keys.all)
 
     def __repr__(self) -> str:
         return repr(self._keys)
@@ -105,7 +104,7 @@ class SyncBatches(Generic[K]):
             "iterating dataset.sync.batches()", "`async for ... in dataset.batches()`"
         )
         try:
-            batch: tuple[list[K], Any] = get_portal().call(self._stream.__anext__)
+            batch: tuple[list[K], Any] = call(self._stream.__anext__)
             return batch
         except StopAsyncIteration:
             self._done = True
@@ -132,7 +131,7 @@ class SyncBatches(Generic[K]):
         """Stop the stream and cancel fetches in flight."""
         if not self._done:
             self._done = True
-            get_portal().call(self._stream.aclose)
+            call(self._stream.aclose)
 
     def __enter__(self) -> SyncBatches[K]:
         return self
@@ -168,7 +167,7 @@ class SyncView(Generic[K, V]):
 
     def query_item(self, key: K) -> V:
         ensure_blocking_allowed("dataset.sync.query_item()", "`await dataset.query_item(key)`")
-        return get_portal().call(self.dataset.query_item, key)
+        return call(self.dataset.query_item, key)
 
     def query_items(self, keys: Sequence[K], concurrency: int | None = None) -> list[V]:
         ensure_blocking_allowed("dataset.sync.query_items()", "`await dataset.query_items(keys)`")
@@ -179,7 +178,7 @@ class SyncView(Generic[K, V]):
                 return await dataset.query_items(keys)
             return await dataset.query_items(keys, concurrency)
 
-        return get_portal().call(run)
+        return call(run)
 
     def query(
         self,
@@ -195,7 +194,7 @@ class SyncView(Generic[K, V]):
         async def run() -> Any:
             return await dataset.query(keys, collate_fn, wrapper, concurrency=concurrency)
 
-        return get_portal().call(run)
+        return call(run)
 
     def batches(
         self,
@@ -269,7 +268,7 @@ class PickledDataset(SyncView[Any, Any]):
         async def run() -> int:
             return await create(dataset, path, keys, **options)
 
-        count: int = get_portal().call(run)
+        count: int = call(run)
         return count
 
     @property

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,6 +65,52 @@ def test_sync_batches_can_be_closed_early() -> None:
         assert keys == list(range(10))
     with pytest.raises(StopIteration):
         next(batches)
+
+
+INTERRUPTED = textwrap.dedent(
+    """
+    import asyncio, sys, threading
+    sys.path.insert(0, {repo!r})
+    from mlworkflow_async import Dataset
+
+    stopped = threading.Event()
+
+    class Stuck(Dataset):
+        def yield_keys(self):
+            return [0]
+
+        async def query_item(self, key):
+            try:
+                print("waiting", flush=True)
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+
+    try:
+        Stuck().sync.query_item(0)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    print("cancelled" if stopped.wait(30) else "still running", flush=True)
+    """
+)
+
+
+def test_ctrl_c_during_a_blocking_call_cancels_its_work() -> None:
+    # The call's coroutine runs on the background loop: interrupting the script
+    # that waits for it must stop it, not leave it running unseen.
+    code = INTERRUPTED.format(repo=str(Path(__file__).resolve().parents[1]))
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "waiting"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert out.split() == ["interrupted", "cancelled"], (out, err)
 
 
 def test_sync_item_error_is_raised_in_the_script() -> None:

@@ -25,7 +25,8 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -34,11 +35,13 @@ from anyio.from_thread import BlockingPortal, BlockingPortalProvider
 from ..exceptions import SyncInLoopError
 
 ENV_ALLOW = "MLWORKFLOW_ASYNC_BLOCKING_IN_LOOP"
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _provider = BlockingPortalProvider(backend="asyncio")
 _portal: BlockingPortal | None = None
 _portal_thread: int | None = None
+_loop: asyncio.AbstractEventLoop | None = None  # the portal's loop
 _allowed: bool | None = None  # set by allow_blocking_in_loop(); None: ask the environment
 
 
@@ -134,32 +137,68 @@ def ensure_blocking_allowed(what: str, instead: str) -> None:
     )
 
 
-async def _warm_up() -> int:
+async def _warm_up() -> tuple[int, asyncio.AbstractEventLoop]:
     # One worker thread made now stays for good (anyio keeps the last idle
     # one), so work handed over just before exit still has a thread once the
     # interpreter refuses to start new ones.
     await anyio.to_thread.run_sync(int)
-    return threading.get_ident()
+    return threading.get_ident(), asyncio.get_running_loop()
 
 
 def get_portal() -> BlockingPortal:
     """Return the process-wide portal, starting its thread if needed."""
-    global _portal, _portal_thread
+    global _portal, _portal_thread, _loop
     portal = _portal
     if portal is not None:
         return portal
     with _lock:
         if _portal is None:
             portal = _provider.__enter__()
-            _portal_thread = portal.call(_warm_up)
+            _portal_thread, _loop = portal.call(_warm_up)
             _portal = portal
         return _portal
 
 
+def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await fn(*args)`` on the background loop; block until it returns or raises.
+
+    The coroutine goes to the loop as an asyncio task
+    (``run_coroutine_threadsafe``) rather than through ``BlockingPortal.call``,
+    whose task group and cancel scope per call cost a third more (benchmark
+    W10: 116 against 152 µs a call here, most of it the two thread wake-ups;
+    2.4x with the other core busy). The task is cancelled if the wait is
+    interrupted (Ctrl-C), instead of running on unseen.
+
+    >>> async def double(x):
+    ...     return 2 * x
+    >>> call(double, 21)
+    42
+    """
+    get_portal()
+    loop = _loop
+    assert loop is not None
+    coroutine = _on_loop(fn, args)
+    try:
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    except BaseException:
+        coroutine.close()  # the loop is gone (interpreter exit): it never ran
+        raise
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
+async def _on_loop(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    # fn itself is called on the loop's thread, as BlockingPortal.call does.
+    return await fn(*args)
+
+
 def _shutdown() -> None:
-    global _portal, _portal_thread
+    global _portal, _portal_thread, _loop
     with _lock:
-        started, _portal, _portal_thread = _portal is not None, None, None
+        started, _portal, _portal_thread, _loop = _portal is not None, None, None, None
     if started:
         # The loop thread may already be gone at interpreter teardown.
         with contextlib.suppress(RuntimeError):
@@ -173,13 +212,14 @@ _inherited: list[BlockingPortalProvider] = []
 
 def _forget_after_fork() -> None:
     # The loop thread does not exist in the child; start afresh on next use.
-    global _portal, _portal_thread, _provider, _lock
+    global _portal, _portal_thread, _provider, _lock, _loop
     _lock = threading.Lock()
     if _portal is not None:
         _inherited.append(_provider)
         _provider = BlockingPortalProvider(backend="asyncio")
     _portal = None
     _portal_thread = None
+    _loop = None
 
 
 atexit.register(_shutdown)

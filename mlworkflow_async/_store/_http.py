@@ -238,12 +238,11 @@ def _on_asyncio() -> bool:
     return True
 
 
-async def _on_the_portal(call: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``await call(*args)`` on the blocking view's asyncio loop (aiohttp needs asyncio)."""
-    from .._core._portal import get_portal
+async def _on_the_portal(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await fn(*args)`` on the blocking view's asyncio loop (aiohttp needs asyncio)."""
+    from .._core._portal import call
 
-    portal = get_portal()
-    return await anyio.to_thread.run_sync(lambda: portal.call(call, *args))
+    return await anyio.to_thread.run_sync(lambda: call(fn, *args))
 
 
 async def _closing(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:

@@ -204,12 +204,12 @@ class SourceReader:
 
 def open_blocking(url: str, **arguments: Any) -> SourceReader:
     """:meth:`SourceReader.open` for blocking code, run on the blocking view's event loop."""
-    from .._core._portal import get_portal
+    from .._core._portal import call
 
     async def opening() -> SourceReader:
         return await SourceReader.open(url, **arguments)
 
-    return get_portal().call(opening)
+    return call(opening)
 
 
 class _Format2(BaseException):
