@@ -3,8 +3,10 @@
 Both sides produce the same batches: a dict of one array (a tensor, for
 PyTorch) per field. Ours streams the keys as the filter accepts them; the
 DataLoader needs a map-style dataset, so its timing includes computing the
-kept keys first. A second row measures what streaming the keys costs
-against awaiting them all before the first batch.
+kept keys first. A second row reads the same chain as a plain script
+does, through the blocking view (``ds.sync.batches``); a third measures
+what streaming the keys costs against awaiting them all before the first
+batch.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ def _ours(items: dict[int, dict[str, Any]], known: bool) -> tuple[float, int]:
         return rate(count, t.seconds), total
 
     return asyncio.run(consume())
+
+
+def _ours_blocking(items: dict[int, dict[str, Any]]) -> tuple[float, int]:
+    """The same chain read by a plain script, through the blocking view."""
+    ds = TransformedDataset(FilteredDataset(DictDataset(items), _keep), [_scale])
+    count = total = 0
+    with Timer(cpu=True) as t:
+        for keys, batch in ds.sync.batches(BATCH):
+            count += len(keys)
+            total += int(batch["x"][-1])
+    return rate(count, t.seconds), total
 
 
 def _torch(items: dict[int, dict[str, Any]]) -> tuple[float, int]:
@@ -90,13 +103,16 @@ def run(quick: bool) -> list[Row]:
 
         # One thread, as a data-loading process would use: the figure is CPU time.
         torch.set_num_threads(1)
-    streamed, known, peer = [], [], []
+    streamed, known, blocking, peer = [], [], [], []
     for _ in range(rounds):  # alternate so drift hits every side alike
         rate_streamed, total = _ours(items, known=False)
         rate_known, total_known = _ours(items, known=True)
         assert total == total_known
+        rate_blocking, total_blocking = _ours_blocking(items)
+        assert total == total_blocking
         streamed.append(rate_streamed)
         known.append(rate_known)
+        blocking.append(rate_blocking)
         if has_torch:
             rate_torch, total_torch = _torch(items)
             assert total == total_torch, "both pipelines must compute the same batches"
@@ -105,15 +121,18 @@ def run(quick: bool) -> list[Row]:
     if has_torch:
         import torch
 
-        torch_row = Row(title, "items/CPU-s", max(streamed), max(peer),
-                        f"torch {torch.__version__.split('+')[0]} DataLoader(num_workers=0)",
-                        1.0)
+        peer_name = f"torch {torch.__version__.split('+')[0]} DataLoader(num_workers=0)"
+        torch_rows = [
+            Row(title, "items/CPU-s", max(streamed), max(peer), peer_name, 1.0),
+            Row("W1b same through ds.sync.batches(64), a plain script", "items/CPU-s",
+                max(blocking), max(peer), peer_name, None),
+        ]
     else:
-        torch_row = Row(title, "items/CPU-s", max(streamed), float("nan"),
-                        "torch DataLoader", None,
-                        note="skipped: torch not installed (pip install -e '.[bench]')")
+        torch_rows = [Row(title, "items/CPU-s", max(streamed), float("nan"),
+                          "torch DataLoader", None,
+                          note="skipped: torch not installed (pip install -e '.[bench]')")]
     return [
-        torch_row,
+        *torch_rows,
         Row("W1b same, keys streamed vs awaited first", "items/CPU-s", max(streamed),
             max(known), "await ds.keys.all() then batches(64)", 0.9),
     ]

@@ -88,7 +88,7 @@ INTERRUPTED = textwrap.dedent(
                 raise
 
     try:
-        Stuck().sync.query_item(0)
+        {call}
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     print("cancelled" if stopped.wait(30) else "still running", flush=True)
@@ -96,10 +96,13 @@ INTERRUPTED = textwrap.dedent(
 )
 
 
-def test_ctrl_c_during_a_blocking_call_cancels_its_work() -> None:
+@pytest.mark.parametrize(
+    "call", ["Stuck().sync.query_item(0)", "next(Stuck().sync.batches(1))"]
+)
+def test_ctrl_c_during_a_blocking_call_cancels_its_work(call: str) -> None:
     # The call's coroutine runs on the background loop: interrupting the script
     # that waits for it must stop it, not leave it running unseen.
-    code = INTERRUPTED.format(repo=str(Path(__file__).resolve().parents[1]))
+    code = INTERRUPTED.format(repo=str(Path(__file__).resolve().parents[1]), call=call)
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -188,17 +188,29 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         Small and JSON-serialisable: its size is constant for an ordered
         stream and grows at most with ``concurrency`` in completion order.
         """
-        engine, order = self._engine, self._order
-        if engine is None or order is None:
+        return self._state_at(self._where())
+
+    def _where(self) -> tuple[int, tuple[int, ...]] | None:
+        """Where the stream is, cheaply: the position and units done beyond it (None
+        before it starts); :meth:`_state_at` turns it into a :meth:`state_dict` later."""
+        engine = self._engine
+        if engine is None or self._order is None:
+            return None
+        return engine.position, tuple(engine.done_beyond)
+
+    def _state_at(self, where: tuple[int, tuple[int, ...]] | None) -> dict[str, Any]:
+        """The :meth:`state_dict` of the stream when :meth:`_where` returned ``where``."""
+        order = self._order
+        if where is None or order is None:
             if self._resume is not None:
                 return dict(self._resume)
             return self._spec.state(0, (), None)
-        position = engine.position
+        position, done = where
         if isinstance(order, KnownOrder):
             keys = order.fingerprint()
         else:
             keys = order.fingerprint(position * self._spec.batch_size)
-        return self._spec.state(position, engine.done_beyond, keys)
+        return self._spec.state(position, done, keys)
 
     @property
     def failures(self) -> list[Failure[K]]:
