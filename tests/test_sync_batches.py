@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,3 +82,16 @@ def test_batches_taken_ahead_are_bounded_by_their_arrays(
         count += 1
     assert most == ahead
     assert count == 25
+
+
+def test_leaving_the_loop_stops_taking_batches() -> None:
+    stream = DictDataset({i: i for i in range(1000)}).sync.batches(4)
+    for _ in stream:
+        break
+    handoff = stream._handoff
+    wait_for(lambda: len(handoff._parked) == 16)  # waiting for room
+    del stream  # as leaving a loop over ds.sync.batches(...) does
+    gc.collect()
+    assert handoff._task is not None
+    wait_for(handoff._task.done)
+    assert handoff._task.cancelled()
