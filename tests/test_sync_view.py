@@ -152,3 +152,16 @@ async def test_blocking_pickled_create_refuses_inside_a_loop(tmp_path: Any) -> N
     with pytest.raises(SyncInLoopError, match=r"await mlworkflow_async\.PickledDataset\.create"):
         PickledDataset.create(DictDataset({1: 1}), tmp_path / "x.pkl")
     assert not (tmp_path / "x.pkl").exists()
+
+
+def test_a_blocking_call_on_the_background_loop_refuses_instead_of_waiting_forever() -> None:
+    from mlworkflow_async._core._portal import call, get_portal
+
+    async def nested() -> None:
+        async def inner() -> int:
+            return 1
+
+        call(inner)  # on the loop's thread: it would wait on itself
+
+    with pytest.raises(RuntimeError, match="wait on itself"):
+        get_portal().call(nested)

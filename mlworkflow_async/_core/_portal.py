@@ -177,6 +177,11 @@ def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     get_portal()
     loop = _loop
     assert loop is not None
+    if threading.get_ident() == _portal_thread:
+        raise RuntimeError(
+            "a blocking call was made on the background loop's own thread, where it would "
+            "wait on itself: await the async API instead"
+        )
     coroutine = _on_loop(fn, args)
     try:
         future = asyncio.run_coroutine_threadsafe(coroutine, loop)
