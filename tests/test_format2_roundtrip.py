@@ -14,7 +14,7 @@ import pytest
 
 from mlworkflow_async import DictDataset, PickledDataset
 from mlworkflow_async._core import _collate
-from mlworkflow_async._store import _format2
+from mlworkflow_async._store import _checksum, _format2
 from mlworkflow_async._store._batch_buffers import BatchBuffers
 from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format2 import FOOTER, FOOTER_SIZE, HEADER2, key_bytes
@@ -352,6 +352,24 @@ def test_a_file_truncated_to_its_header_is_corrupt(path: Path) -> None:
     os.truncate(path, 64)
     with pytest.raises(CorruptFileError, match="truncated"):
         PickledDataset(path)
+
+
+@pytest.mark.parametrize("algorithm", [_checksum.ZLIB_CRC32, _checksum.CRC32C])
+def test_short_checksums_are_the_checksums_of_each_piece(algorithm: int) -> None:
+    # Keys are hashed a byte position at a time over a whole chunk: the hashes must
+    # be those a lookup computes, one key at a time.
+    csum = checksum_function(algorithm)
+    if csum is None:
+        pytest.skip("crc32c is not installed")
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        lengths = rng.integers(0, _checksum.SHORT + 1, size=int(rng.integers(1, 80)))
+        pieces = [rng.integers(0, 256, size=int(n), dtype=np.uint8).tobytes() for n in lengths]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        sums = _checksum.short_checksums(algorithm, b"".join(pieces), bounds)
+        assert sums is not None
+        assert sums.tolist() == [csum(piece) for piece in pieces]
+    assert _checksum.short_checksums(algorithm, b"x" * 17, np.array([0, 17])) is None
 
 
 def test_default_algorithm_is_crc32c_when_installed() -> None:

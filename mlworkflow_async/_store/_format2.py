@@ -83,7 +83,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..exceptions import UnpicklableItemError
-from ._checksum import DEFAULT, Checksum, checksum_function
+from ._checksum import DEFAULT, Checksum, checksum_function, short_checksums
 from ._format import MAGIC, PROTOCOL, ItemPickler
 
 __all__ = [
@@ -431,11 +431,15 @@ class Encoder2:
         table["crc"] = sums
         self._entries.write(table.tobytes())
         key_blob, key_bounds = key_parts
-        view = memoryview(key_blob)
-        key_sums = np.fromiter(
-            (csum(view[a:b]) for a, b in itertools.pairwise(key_bounds.tolist())),
-            dtype=np.uint64, count=n,
-        )
+        short = short_checksums(self.algorithm, key_blob, key_bounds)
+        if short is not None:  # keys of a few bytes (ints): in numpy passes
+            key_sums = short.astype(np.uint64)
+        else:
+            view = memoryview(key_blob)
+            key_sums = np.fromiter(
+                (csum(view[a:b]) for a, b in itertools.pairwise(key_bounds.tolist())),
+                dtype=np.uint64, count=n,
+            )
         self._hashes.append(((key_sums * np.uint64(_GOLDEN)) & np.uint64(_MASK32)).astype("<u4")
                             .tobytes())
         self._key_ends.write((key_bounds[1:] + self._key_total).astype("<u8").tobytes())
