@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mlworkflow_async import PickledDataset
@@ -266,3 +267,15 @@ def test_int_keys_are_spelled_as_the_pickler_spells_them() -> None:
     assert int_keys_bytes([*fitting[:10], 2**31]) is None
     assert int_keys_bytes([10**40]) is None
     assert int_keys_bytes([]) is not None
+
+
+def test_the_hash_table_order_is_that_of_a_stable_sort() -> None:
+    # The table is built in the order of a stable sort of the hashes (two radix
+    # passes): ties keep the order of the keys, so a file's bytes depend only on
+    # its keys and items.
+    from mlworkflow_async._store._format2 import _stable_argsort
+
+    rng = np.random.default_rng(1)
+    for n, top in ((0, 2**32), (1, 2**32), (1000, 50), (100_000, 2**32)):
+        hashes = rng.integers(0, top, n, dtype=np.uint64).astype("<u4")
+        assert (_stable_argsort(hashes) == np.argsort(hashes, kind="stable")).all()
