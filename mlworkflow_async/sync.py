@@ -138,12 +138,9 @@ class SyncBatches(Generic[K]):
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is, as of the batches returned so far; pass it as
         ``batches(..., resume=state)`` to continue."""
-        stream, where = self._stream, self._where
-
-        async def state() -> dict[str, Any]:
-            return stream._state_at(where)
-
-        return call(state)
+        # From the snapshot taken on the loop with the last batch returned: no
+        # call to the loop, and nothing read that the loop is changing.
+        return self._stream._state_at(self._where)
 
     @property
     def failures(self) -> list[Failure[K]]:
