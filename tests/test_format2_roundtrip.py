@@ -203,6 +203,29 @@ def test_plain_items_and_int_keys_of_every_width_read_back(tmp_path: Path) -> No
     assert main(["verify", str(target)]) == 0
 
 
+@pytest.mark.parametrize("safe", [False, True])
+def test_chunks_of_int_items_read_back_as_ints(tmp_path: Path, safe: bool) -> None:
+    # A chunk of 32-bit int items is spelled in numpy passes (without the pickler's
+    # frame); an int past 32 bits, or a bool among them, sends its chunk the usual
+    # way. Each reads back as the same int, in either unpickler.
+    from mlworkflow_async.__main__ import main
+
+    widths = [0, 1, 255, 256, 65535, 65536, -1, -256, 2**31 - 1, -(2**31)]
+    chunks = [
+        {i: value for i, value in enumerate(widths)},
+        {100: 2**31, 101: 5},  # past 32 bits
+        {200: True, 201: 3},  # a bool is no int item here
+    ]
+    target = tmp_path / "ints.pkl"
+    _write_chunks(target, chunks)
+    items = {key: item for chunk in chunks for key, item in chunk.items()}
+    with PickledDataset(target, safe=safe) as ds:
+        got = ds.sync.query_items(list(items))
+    assert got == list(items.values())
+    assert [type(item) for item in got] == [type(item) for item in items.values()]
+    assert main(["verify", str(target)]) == 0
+
+
 def test_pickles_too_long_for_an_entry_use_the_extended_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
