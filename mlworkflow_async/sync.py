@@ -157,7 +157,8 @@ class SyncBatches(Generic[K]):
         """Stop the stream and cancel fetches in flight."""
         if not self._done:
             self._done = True
-            call(self._aclose)
+            if not self._handoff.in_forked_child():  # else the work is the parent's
+                call(self._aclose)
 
     async def _aclose(self) -> None:
         await self._handoff.aclose()
@@ -170,7 +171,7 @@ class SyncBatches(Generic[K]):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_done", True):
+        if not getattr(self, "_done", True) and not self._handoff.in_forked_child():
             # The portal may already be gone at interpreter exit.
             with contextlib.suppress(Exception):
                 get_portal().start_task_soon(self._aclose)

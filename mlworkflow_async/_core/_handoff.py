@@ -13,6 +13,7 @@ actually received.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,7 @@ class Handoff(Generic[T]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._room: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pid = os.getpid()
         self._ahead = self._low = 1
         self.set_ahead(ahead)
 
@@ -68,6 +70,12 @@ class Handoff(Generic[T]):
         """
         if self._task is None:
             call(self._start)
+        elif self.in_forked_child():
+            raise RuntimeError(
+                "this blocking stream was started in the parent of this forked process, "
+                "whose event loop thread does not exist here: start a new one in the child "
+                "(ds.sync.batches(...) there)"
+            )
         with self._ready:
             while not self._parked:
                 if self._end is not None:
@@ -92,7 +100,12 @@ class Handoff(Generic[T]):
         if grew and loop is not None and room is not None:
             loop.call_soon_threadsafe(room.set)
 
+    def in_forked_child(self) -> bool:
+        """True in a process forked after this hand-off started taking items."""
+        return self._task is not None and self._pid != os.getpid()
+
     async def _start(self) -> None:
+        self._pid = os.getpid()
         self._loop = asyncio.get_running_loop()
         self._room = asyncio.Event()
         self._task = asyncio.ensure_future(self._take_ahead())
