@@ -328,6 +328,7 @@ def _use_in_child(runner: SideRunner, report: Path) -> None:
         report.write_text(str(exc))
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_runner_inherited_by_a_forked_child_refuses_clearly(tmp_path: Path) -> None:
     report = tmp_path / "child.txt"
     with SideRunner(1) as runner:

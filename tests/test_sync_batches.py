@@ -107,6 +107,7 @@ def _continue_in_child(stream: Any, report: Path) -> None:
         report.write_text(str(exc))
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_stream_inherited_by_a_forked_child_refuses_clearly(tmp_path: Path) -> None:
     # The child has no thread taking the batches: waiting for one would hang.
     report = tmp_path / "child.txt"
