@@ -53,7 +53,7 @@ _KEYS_PER_TRIP = 1024
 #: prefetching: enough that a script rarely waits for a thread to wake up
 #: (benchmark W10: 0.12x the awaited stream with 2, 0.35x with 16), bounded by
 #: what the arrays of the first batch weigh.
-AHEAD_MOST, AHEAD_LEAST, AHEAD_BYTES = 16, 2, 64 << 20
+_AHEAD_MOST, _AHEAD_LEAST, _AHEAD_BYTES = 16, 2, 64 << 20
 
 
 class _Reader:
@@ -104,7 +104,7 @@ class SyncBatches(Generic[K]):
     def __init__(self, stream: BatchStream[K]) -> None:
         self._stream = stream
         self._handoff: Handoff[tuple[list[K], Any]] = Handoff(
-            stream, AHEAD_LEAST, stream._where
+            stream, _AHEAD_LEAST, stream._where
         )
         self._sized = False
         self._where: tuple[int, tuple[int, ...]] | None = None
@@ -178,10 +178,10 @@ class SyncBatches(Generic[K]):
 
 
 def _ahead_for(batch: Any) -> int:
-    """How many batches like ``batch`` to take ahead: up to AHEAD_BYTES of arrays.
+    """How many batches like ``batch`` to take ahead: up to _AHEAD_BYTES of arrays.
 
     Batches of anything but arrays (an array, or a dict, tuple or list of
-    them, as collation makes) are taken only AHEAD_LEAST ahead: their size
+    them, as collation makes) are taken only _AHEAD_LEAST ahead: their size
     is not known.
     """
     parts = batch.values() if isinstance(batch, dict) else (
@@ -191,9 +191,9 @@ def _ahead_for(batch: Any) -> int:
     for part in parts:
         nbytes = getattr(part, "nbytes", None)
         if type(nbytes) is not int or getattr(getattr(part, "dtype", None), "hasobject", False):
-            return AHEAD_LEAST  # an object array's nbytes counts only its pointers
+            return _AHEAD_LEAST  # an object array's nbytes counts only its pointers
         size += nbytes
-    return max(AHEAD_LEAST, min(AHEAD_MOST, AHEAD_BYTES // max(size, 1)))
+    return max(_AHEAD_LEAST, min(_AHEAD_MOST, _AHEAD_BYTES // max(size, 1)))
 
 
 class SyncView(Generic[K, V]):
