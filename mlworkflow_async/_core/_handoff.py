@@ -44,7 +44,7 @@ class Handoff(Generic[T]):
     Traceback (most recent call last):
     ...
     StopAsyncIteration
-    >>> handoff.close()
+    >>> call(handoff.aclose)
     """
 
     def __init__(
@@ -143,7 +143,3 @@ class Handoff(Generic[T]):
             if self._end is None:
                 self._end = StopAsyncIteration()
             self._parked.clear()
-
-    def close(self) -> None:
-        """:meth:`aclose` from the blocking thread."""
-        call(self.aclose)

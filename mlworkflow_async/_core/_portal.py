@@ -164,8 +164,8 @@ def call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
     The coroutine goes to the loop as an asyncio task
     (``run_coroutine_threadsafe``) rather than through ``BlockingPortal.call``,
-    whose task group and cancel scope per call cost a third more (benchmark
-    W10: 116 against 152 µs a call here, most of it the two thread wake-ups;
+    whose task group and cancel scope per call cost a quarter more (benchmark
+    W10: 134 against 167 µs a call here, most of it the two thread wake-ups;
     2.4x with the other core busy). The task is cancelled if the wait is
     interrupted (Ctrl-C), instead of running on unseen.
 
