@@ -21,10 +21,17 @@ import numpy as np
 import pytest
 
 from mlworkflow_async import PickledDataset
-from mlworkflow_async._store._format2 import HEADER2, int_key_bytes, int_keys_bytes
+from mlworkflow_async._store._format2 import (
+    HEADER2,
+    Encoder2,
+    header2,
+    int_key_bytes,
+    int_keys_bytes,
+)
 from mlworkflow_async._store._index2 import EAGER_BYTES, Index2
 from mlworkflow_async._store._reads2 import open_index
 from mlworkflow_async._store._safe_unpickler import make_loads
+from mlworkflow_async._store._writes import AtomicFile
 from mlworkflow_async.exceptions import CorruptFileError
 
 from ._pickled_util import write_file
@@ -141,12 +148,11 @@ def test_a_damaged_block_of_a_large_index_is_found_when_touched(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("first", [0, 70_000, -5])
-def test_consecutive_int_keys_are_found_without_the_hash_table(
-    tmp_path: Path, first: int
-) -> None:
+def test_a_range_of_int_keys_is_looked_up_by_subtraction(tmp_path: Path, first: int) -> None:
     # A file of indices (keys first, first + 1, ... in file order, as in a dataset
-    # of indices or a shard of one) finds each key at its place: no block of the
-    # hash table or of its fingerprints is read.
+    # of indices or a shard of one) says so in its footer: each key is found at its
+    # place, and only blocks of entries are read (no key offsets, key bytes, hash
+    # table or fingerprints).
     n = 70_000
     path = tmp_path / "range.pkl"
     write_file(path, {i: -i for i in range(first, first + n)})
@@ -154,44 +160,79 @@ def test_consecutive_int_keys_are_found_without_the_hash_table(
         index = ds._reader.index
         assert isinstance(index, Index2)
         f = index.footer
+        assert f.first == first
         assert f.blocks > EAGER_BYTES  # checked lazily: the blocks touched are known
         keys = [first + k for k in (n - 1, 0, 1, *range(0, n, 997))]
         assert ds.sync.query_items(keys) == [-k for k in keys]
-        table = range(-(-f.table // f.block), f.ext // f.block)
-        assert len(table) > 0
-        assert not any(index._verified[number] for number in table)
-        for absent in (first - 1, first + n, 3.5, str(first), (first,)):  # these probe it
-            with pytest.raises(KeyError):
+        assert ds.sync.query_item(np.int64(first + 5)) == -(first + 5)  # stored as an int
+        rest = range(-(-f.key_offsets // f.block), f.context // f.block)
+        assert len(rest) > 0
+        assert not any(index._verified[number] for number in rest)
+        for absent in (first - 1, first + n, 2**40, 3.5, str(first), (first,), True):
+            with pytest.raises(KeyError, match="is not a key"):
                 ds.sync.query_item(absent)
+        # The keys are counted, not read.
+        assert ds.sync.keys.all() == list(range(first, first + n))
+        assert not any(index._verified[number] for number in rest)
+        index.check_all()  # what `verify` runs: the key parts spell the range
         assert ds.sync.query_items(keys) == [-k for k in keys]
 
 
-@pytest.mark.parametrize("first", ["x", 1, 5])
-def test_int_keys_not_at_their_place_are_found_by_the_table(tmp_path: Path, first: Any) -> None:
-    path = tmp_path / "mixed.pkl"
-    items = {first: "a", 1: "b", 0: "c", 3: "d", 2: "e"} if first != 1 else {1: "b", 0: "c"}
-    write_file(path, items)
+def _footer_first(path: Path) -> int | None:
     with PickledDataset(path) as ds:
-        for _ in range(2):  # before and after the first miss
-            assert ds.sync.query_items(list(items)) == list(items.values())
-            for absent in (4, 6, -1):
-                with pytest.raises(KeyError):
-                    ds.sync.query_item(absent)
+        index = ds._reader.index
+        assert isinstance(index, Index2)
+        return index.footer.first
 
 
-def test_int_keys_out_of_their_place_stop_the_tries(tmp_path: Path) -> None:
-    # Keys 0 to 99 in shuffled order: "key k is the k-th item" fails at once; the
-    # first key is then read, and the next mismatch inside the range stops the tries
-    # for good (they cost a key comparison per lookup).
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [0, 1, 3],  # a gap
+        [1, 0, 2],  # out of order
+        [*range(300), 301],  # a gap in a later chunk
+        [True, False],  # bools pickle as bools, not ints
+        [2**31 - 1, 2**31],  # past 32 bits
+        [0, 1, "2"],
+        [0.0, 1.0],
+    ],
+)
+def test_only_a_range_of_ints_is_declared_one(tmp_path: Path, keys: list[Any]) -> None:
+    path = tmp_path / "keys.pkl"
+    write_file(path, {key: i for i, key in enumerate(keys)})
+    assert _footer_first(path) is None
+    with PickledDataset(path) as ds:
+        assert ds.sync.query_items(keys) == list(range(len(keys)))
+        assert ds.sync.keys.all() == keys
+
+
+def test_a_range_is_followed_across_chunks(tmp_path: Path) -> None:
+    def write(path: Path, chunks: list[list[int]]) -> int | None:
+        sink = AtomicFile(str(path))
+        sink.write([header2()])
+        encoder = Encoder2(str(path))
+        for keys in chunks:
+            sink.write(encoder.encode(keys, keys))
+        encoder.finish(None, sink.write)
+        sink.commit()
+        return _footer_first(path)
+
+    assert write(tmp_path / "a.pkl", [[7, 8], [9], [], [10, 11, 12]]) == 7
+    assert write(tmp_path / "b.pkl", [[7, 8], [10, 11]]) is None  # the gap between chunks
+    assert write(tmp_path / "c.pkl", [[7, 8], [9, 11, 10, 12]]) is None  # ends right, not between
+    assert write(tmp_path / "d.pkl", []) is None
+    with PickledDataset(tmp_path / "a.pkl") as ds:
+        assert ds.sync.query_items([12, 7]) == [12, 7]
+
+
+def test_int_keys_out_of_order_are_found_by_the_table(tmp_path: Path) -> None:
     keys = list(range(100))
     random.Random(0).shuffle(keys)
     path = tmp_path / "shuffled.pkl"
     write_file(path, {key: -key for key in keys})
+    assert _footer_first(path) is None
     with PickledDataset(path) as ds:
-        index = ds._reader.index
-        assert isinstance(index, Index2)
         assert ds.sync.query_items(list(range(100))) == [-key for key in range(100)]
-        assert index._first is None
         assert ds.sync.query_items(keys[:10]) == [-key for key in keys[:10]]
 
 

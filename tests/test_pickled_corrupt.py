@@ -24,7 +24,7 @@ from mlworkflow_async import (
 )
 from mlworkflow_async._store._checksum import checksum_function
 from mlworkflow_async._store._format import TRAILER, TRAILER_SIZE
-from mlworkflow_async._store._format2 import FOOTER_SIZE, HEADER2
+from mlworkflow_async._store._format2 import FOOTER, FOOTER_SIZE, HEADER2
 from mlworkflow_async.exceptions import KeyClassNotFoundError
 
 from ._pickled_util import Key, assert_same, small_items, write_file, write_original_file
@@ -296,6 +296,61 @@ def test_format2_unknown_header_flags_or_reserved_bytes(
     _set_header_bytes(path, offset, value, copy_too=False)
     with pytest.raises(CorruptFileError, match="header and the copy in its footer differ"):
         PickledDataset(path)
+
+
+def _set_footer_range(path: Path, first: int, flags: int) -> None:
+    """Rewrite the first-key and flags fields of a format 2 footer, its checksum made right."""
+    data = bytearray(path.read_bytes())
+    csum = checksum_function(HEADER2.unpack_from(data)[3])
+    assert csum is not None
+    at = len(data) - FOOTER_SIZE + HEADER2.size
+    fields = list(FOOTER.unpack_from(data, at))
+    fields[7:9] = [first, flags]
+    FOOTER.pack_into(data, at, *fields)
+    end = len(data) - 12
+    data[end:end + 4] = struct.pack("<I", csum(bytes(data[len(data) - FOOTER_SIZE:end])))
+    path.write_bytes(data)
+
+
+def test_format2_unknown_footer_flags(tmp_path: Path) -> None:
+    path = tmp_path / "two.pkl"
+    write_file(path, {i: i for i in range(10)})
+    _set_footer_range(path, 0, 1 | 2)
+    with pytest.raises(UnsupportedVersionError, match=r"two\.pkl sets footer flags") as info:
+        PickledDataset(path)
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("first", [2**31 - 5, -(2**31) - 1])
+def test_format2_footer_range_past_32_bits(tmp_path: Path, first: int) -> None:
+    path = tmp_path / "two.pkl"
+    write_file(path, {i: i for i in range(10)})
+    _set_footer_range(path, first, 1)
+    with pytest.raises(CorruptFileError, match=r"footer is malformed \(keys from"):
+        PickledDataset(path)
+
+
+def test_format2_footer_range_that_its_keys_deny(tmp_path: Path, capsys: Any) -> None:
+    # A footer that declares a range its key bytes do not spell (a crafted file,
+    # with every checksum right): readers take the footer's word, one answer for
+    # every question, and `verify`, which checks the key parts, refuses the file.
+    from mlworkflow_async.__main__ import main
+
+    path = tmp_path / "two.pkl"
+    keys = ["a", "b", "c"]
+    write_file(path, {key: i for i, key in enumerate(keys)})
+    _set_footer_range(path, 10, 1)
+    with PickledDataset(path) as ds:
+        assert ds.sync.keys.all() == [10, 11, 12]
+        assert ds.sync.query_items([12, 10]) == [2, 0]
+        for key in ("a", 13):
+            with pytest.raises(KeyError):
+                ds.sync.query_item(key)
+        assert [key for key, _ in ds.sync.batches(2, collate_fn=list)] == [[10, 11], [12]]
+    assert main(["verify", str(path)]) == 1
+    assert "declares the keys 10 to 12, which its key bytes do not spell" in (
+        capsys.readouterr().out
+    )
 
 
 def test_key_class_that_cannot_be_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

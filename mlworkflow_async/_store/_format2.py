@@ -51,22 +51,29 @@ Index region, from the end of the last item, parts back to back
        parts 1 to 8 (the last block may be shorter), so that a reader
        checks only the blocks it touches.
 
-Footer, the last 144 bytes
+Footer, the last 160 bytes
     a copy of the 64-byte header, then index offset, count, table length,
     extended rows, buffer rows, key bytes length, context length (u64
-    each), the checksum of the block checksums (u32), width (u32), block
-    size (u32), the checksum of the footer's first 132 bytes (u32), and
-    the end magic ``b"MLWDSEND"``. With the header's copy at hand, a
-    remote file opens from its last bytes and its index region: two
-    requests at most, one when the index fits in the first.
+    each), the first key (i64, 0 unless flag 1 is set), footer flags (u64),
+    the checksum of the block checksums (u32), width (u32), block size
+    (u32), the checksum of the footer's first 148 bytes (u32), and the end
+    magic ``b"MLWDSEND"``. With the header's copy at hand, a remote file
+    opens from its last bytes and its index region: two requests at most,
+    one when the index fits in the first.
+
+Footer flags
+    1 (``KEYS_RANGE``): the keys are the ints ``first, first + 1, ...,
+    first + count - 1`` in file order, all within 32 bits (a dataset of
+    indices, or a shard of one). The key parts are written as for any file,
+    but readers need not read them: key ``k`` is entry ``k - first``. Other
+    bits are refused as written by a newer version.
 
 Opening reads the header and footer, then maps (or reads, for a remote
 file) the index region: nothing is built per key. A lookup pickles the key,
-hashes it, probes the table and compares bytes. In a file of the keys
-``first, first + 1, ...`` in order (a dataset of indices, or a shard of
-one), an int key ``k`` is the ``(k - first)``-th: readers compare it with
-that key before probing (``first`` guessed 0, then read from part 6).
-:attr:`keys` are unpickled from part 6 only when asked for.
+hashes it, probes the table and compares bytes; in a file of flag 1, an
+int key is looked up by subtraction, touching one block of part 1.
+:attr:`keys` are unpickled from part 6 only when asked for (a file of flag 1
+spells them as a range).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ __all__ = [
     "FOOTER",
     "FOOTER_SIZE",
     "HEADER2",
+    "KEYS_RANGE",
     "MAP_THRESHOLD",
     "PAGE",
     "VERSION2",
@@ -106,7 +114,7 @@ __all__ = [
 VERSION2 = 2
 HEADER2 = struct.Struct("<8sIII40xI")
 #: The footer's fields, after its copy of the header.
-FOOTER = struct.Struct("<QQQQQQQIIII8s")
+FOOTER = struct.Struct("<QQQQQQQqQIIII8s")
 FOOTER_SIZE = HEADER2.size + FOOTER.size
 END_MAGIC = b"MLWDSEND"
 ENTRY = struct.Struct("<QII")
@@ -116,6 +124,8 @@ ALIGN = 8
 PAGE = 4096
 MAP_THRESHOLD = 1 << 20
 BLOCK = 4096
+#: Footer flag: the keys are ``first, first + 1, ...`` in file order (see above).
+KEYS_RANGE = 1
 TAG_SHIFT = 30
 LOW = (1 << TAG_SHIFT) - 1
 NONE, ONE_SMALL, ONE_PAGE, EXTENDED = 0, 1, 2, 3
@@ -196,13 +206,26 @@ def int_keys_bytes(keys: Sequence[int]) -> tuple[bytes, Any] | None:
     >>> [blob[a:b] for a, b in itertools.pairwise(bounds)] == list(map(int_key_bytes, keys))
     True
     """
-    n = len(keys)
+    values = int32_values(keys)
+    return None if values is None else spell_int_keys(values)
+
+
+def int32_values(keys: Sequence[int]) -> Any:
+    """``keys`` as an int64 array, or None if one does not fit 32 bits (signed)."""
     try:
-        values = np.fromiter(keys, dtype=np.int64, count=n)
+        values = np.fromiter(keys, dtype=np.int64, count=len(keys))
     except OverflowError:
         return None
-    if n and (int(np.min(values)) < -0x80000000 or int(np.max(values)) >= 0x80000000):
+    if len(values) and (
+        int(np.min(values)) < -0x80000000 or int(np.max(values)) >= 0x80000000
+    ):
         return None
+    return values
+
+
+def spell_int_keys(values: Any) -> tuple[bytes, Any]:
+    """:func:`int_keys_bytes` of the 32-bit values of an int64 array."""
+    n = len(values)
     one = (values >= 0) & (values < 256)
     two = (values >= 256) & (values < 65536)
     four = ~(one | two)
@@ -334,6 +357,10 @@ class Encoder2:
         self._key_total = 0
         self._ext: list[int] = []
         self._rows: list[int] = []
+        # Whether the keys so far are ``first, first + 1, ...`` (see KEYS_RANGE).
+        self._ranged = True
+        self._first_key = 0
+        self._next_key = 0
 
     def encode(self, keys: Sequence[Any], items: Sequence[Any]) -> list[Any]:
         """Pickle ``items``; return the buffers to write, in order.
@@ -481,9 +508,11 @@ class Encoder2:
     def _key_parts(self, keys: Sequence[Any]) -> tuple[bytes, Any]:
         """The pickled bytes of ``keys`` (see :func:`key_bytes`), joined, and their bounds."""
         if set(map(type, keys)) <= {int}:  # the common case
-            joined = int_keys_bytes(keys)
-            if joined is not None:
-                return joined
+            values = int32_values(keys)
+            if values is not None:
+                self._follow_range(values)
+                return spell_int_keys(values)
+        self._ranged = False
         parts = []
         for key in keys:
             try:
@@ -496,6 +525,20 @@ class Encoder2:
         bounds = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
         return b"".join(parts), bounds
+
+    def _follow_range(self, values: Any) -> None:
+        """Keep :data:`KEYS_RANGE` only while the keys are ``first, first + 1, ...``."""
+        if not self._ranged or not len(values):
+            return
+        start = int(values[0]) if not self.count else self._next_key
+        n = len(values)
+        self._ranged = bool(
+            int(values[0]) == start and int(values[-1]) == start + n - 1
+            and (n < 3 or bool((np.diff(values) == 1).all()))
+        )
+        if not self.count:
+            self._first_key = start
+        self._next_key = start + n
 
     def _buffers(
         self,
@@ -640,9 +683,11 @@ class Encoder2:
         self.close()
         blocks = hasher.finish()
         write([blocks])
+        ranged = self._ranged and n > 0
         footer = header2(self.algorithm) + FOOTER.pack(
             self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
-            self._key_total, len(context_blob), csum(blocks), width, BLOCK, 0, END_MAGIC,
+            self._key_total, len(context_blob), self._first_key if ranged else 0,
+            KEYS_RANGE if ranged else 0, csum(blocks), width, BLOCK, 0, END_MAGIC,
         )
         head = footer[:_FOOTER_SPAN]
         write([head + struct.pack("<I", csum(head)) + END_MAGIC])

@@ -6,7 +6,8 @@ footer and the table of block checksums; each 4096-byte block of the index
 is checked the first time a lookup touches it (all of them at once when
 the index is small), so a damaged index raises
 :class:`~mlworkflow_async.exceptions.CorruptFileError` instead of leading
-a read astray.
+a read astray. A file whose footer declares its keys a range of ints
+(``KEYS_RANGE``) is looked up by subtraction: one block of entries a key.
 
 Format 0 and 1 files keep their index in a dict built at open
 (:class:`MemoryIndex`); both kinds answer ``locate(key)``, ``keys()``,
@@ -34,6 +35,7 @@ from ._format2 import (
     FOOTER,
     FOOTER_SIZE,
     HEADER2,
+    KEYS_RANGE,
     LOW,
     PAGE,
     TAG_SHIFT,
@@ -41,6 +43,7 @@ from ._format2 import (
     capacity,
     int_key_bytes,
     key_bytes,
+    spell_int_keys,
 )
 
 __all__ = ["Entry2", "Footer", "Index2", "MemoryIndex", "parse_footer"]
@@ -72,6 +75,9 @@ class Footer(NamedTuple):
     row_count: int
     keys_length: int
     context_length: int
+    #: The first key of a file of :data:`KEYS_RANGE` (its keys are ``first, first + 1,
+    #: ...``); None for other files.
+    first: int | None
     blocks_crc: int
     width: int
     block: int
@@ -130,9 +136,18 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     # The reserved bytes lie between the algorithm field and the checksum.
     check_flags(name, flags, bytes(head[20:HEADER2.size - 4]))
     (index_offset, count, table_length, ext_count, row_count, keys_length, context_length,
-     blocks_crc, width, block, _, _) = fields
+     first, footer_flags, blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):
         raise corrupt(name, f"its footer is malformed (width {width}, block {block})")
+    if footer_flags & ~KEYS_RANGE:
+        raise UnsupportedVersionError(
+            f"{name} sets footer flags this version does not know ({footer_flags:#x}): it "
+            f"was written by a newer version of mlworkflow-async", name
+        )
+    if not footer_flags & KEYS_RANGE:
+        first = None
+    elif not count or first < -0x80000000 or first + count > 0x80000000:
+        raise corrupt(name, f"its footer is malformed (keys from {first}, {count} items)")
     key_offsets = 16 * count
     table = key_offsets + (count + 1) * width
     prints = table + table_length * width
@@ -154,8 +169,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
         )
     return Footer(
         algorithm, csum, index_offset, count, table_length, ext_count, row_count,
-        keys_length, context_length, blocks_crc, width, block, key_offsets, table, prints, ext,
-        rows, keys, context, blocks, block_count, region_length,
+        keys_length, context_length, first, blocks_crc, width, block, key_offsets, table,
+        prints, ext, rows, keys, context, blocks, block_count, region_length,
     )
 
 
@@ -211,8 +226,7 @@ class Index2:
         self._capacity = capacity(f.item_count)
         self._context: dict[str, Any] | None = None
         self._context_loaded = False
-        self._first: int | None = 0  # see locate()
-        self._first_unread = True
+        self._first = f.first  # see locate()
 
     def __len__(self) -> int:
         return self.item_count
@@ -236,35 +250,38 @@ class Index2:
                 verified[number] = 1
 
     def check_all(self) -> None:
+        """Check every block, and that the keys of a :data:`KEYS_RANGE` file are that range."""
         self.check(0, self.footer.blocks)
         self._lazy = False
+        f, first = self.footer, self._first
+        if first is not None:
+            blob, bounds = spell_int_keys(np.arange(first, first + f.item_count, dtype=np.int64))
+            ends = np.frombuffer(
+                self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"
+            )
+            if (
+                f.keys_length != len(blob) or not np.array_equal(ends, bounds)
+                or self._region[f.keys:f.keys + f.keys_length] != blob
+            ):
+                raise corrupt(
+                    self.name, f"its footer declares the keys {first} to "
+                    f"{first + f.item_count - 1}, which its key bytes do not spell"
+                )
 
     # -- lookups --------------------------------------------------------------
 
     def locate(self, key: Any) -> Entry2:
         """The entry of ``key``; ``KeyError`` if it is not in the file."""
         try:
-            if type(key) is int:
-                pickled = int_key_bytes(key)
-                # Keys first, first + 1, ... in file order (a dataset of indices,
-                # or a shard of one): key k is tried as the (k - first)-th item
-                # before the table. ``first`` is guessed 0, then read from the
-                # file at the first miss; a miss after that proves the keys are
-                # no such range, and stops the tries.
-                first = self._first
-                if first is not None:
-                    number = key - first
-                    inside = 0 <= number < self.item_count
-                    if inside and self.key_bytes_of(number) == pickled:
-                        return self.entry(number)
-                    if self._first_unread and self.item_count:
-                        self._first = self._first_key()
-                        if self._first is not None and self._first != first:
-                            return self.locate(key)
-                    elif inside:
-                        self._first = None
-            else:
-                pickled = key_bytes(key)
+            first = self._first
+            if first is not None:
+                # A file of the keys first, first + 1, ... (KEYS_RANGE): key k is
+                # entry k - first, and no other key is in it.
+                number = (key if type(key) is int else self._spelled_int(key)) - first
+                if not 0 <= number < self.item_count:
+                    raise KeyError(key)
+                return self.entry(number)
+            pickled = int_key_bytes(key) if type(key) is int else key_bytes(key)
             return self.entry(self.find(pickled, key))
         except (KeyError, pickle.PicklingError, TypeError, AttributeError, RecursionError):
             try:
@@ -274,28 +291,31 @@ class Index2:
             raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}") from None
 
     def locate_many(self, keys: Sequence[Any]) -> list[Entry2]:
-        """``[locate(key) for key in keys]``, quicker for int keys ``first, first + 1, ...``.
+        """``[locate(key) for key in keys]``, quicker in a file of :data:`KEYS_RANGE`.
 
-        A batch of such keys (benchmark W3a) is matched against the stored key
-        bytes here, with the lookups' state in locals (15% quicker a key); any
-        other key, and any mismatch, goes through :meth:`locate`, which decides.
+        There each int key is placed by a subtraction, in a loop without a
+        call per key but the entry's; any other key, and any key outside the
+        range, goes through :meth:`locate`, which decides.
         """
         first = self._first
         if first is None:
             return [self.locate(key) for key in keys]
-        count, key_bytes_of, entry, locate = (
-            self.item_count, self.key_bytes_of, self.entry, self.locate
-        )
+        count, entry, locate = self.item_count, self.entry, self.locate
         out: list[Entry2] = []
         append = out.append
         for key in keys:
-            if type(key) is int:
-                number = key - first
-                if 0 <= number < count and key_bytes_of(number) == int_key_bytes(key):
-                    append(entry(number))
-                    continue
-            append(locate(key))
+            number = key - first if type(key) is int else -1
+            append(entry(number) if 0 <= number < count else locate(key))
         return out
+
+    def _spelled_int(self, key: Any) -> int:
+        """The int that ``key`` is stored as (a numpy int, say); KeyError if none."""
+        data = key_bytes(key)
+        if len(data) > 4 and data[2] in b"KMJ":
+            value = int.from_bytes(data[3:-1], "little", signed=data[2] == ord("J"))
+            if int_key_bytes(value) == data:
+                return value
+        raise KeyError(key)
 
     def find(self, pickled: bytes, key: Any) -> int:
         """The entry number of the key pickled as ``pickled``."""
@@ -349,37 +369,6 @@ class Index2:
                     return int(number)
             slot += 1
         raise KeyError(f"{key!r} is not a key of the PickledDataset {self.name}")
-
-    def key_bytes_of(self, number: int) -> Any:
-        """The pickled key of the item stored ``number``-th (``0 <= number < len(self)``)."""
-        width, base = self._width, self._entries_at
-        at = self._offsets_at + number * width
-        lazy, verified, shift = self._lazy, self._verified, self._shift
-        # As in find(): a block's flag is tested here, check() called only when unset.
-        if lazy and not (
-            verified[(at - base) >> shift] and verified[(at - base + 2 * width - 1) >> shift]
-        ):
-            self.check(at - base, 2 * width)
-        a, b = self._pair.unpack_from(self._buffer, at)
-        if not a <= b <= self._keys_length:
-            raise corrupt(self.name, "its index places a key outside its key bytes")
-        at = self._keys_at + a
-        if lazy and not (
-            b - a <= self.footer.block
-            and verified[(at - base) >> shift] and verified[(at - base + b - a - 1) >> shift]
-        ):
-            self.check(at - base, b - a)
-        return self._buffer[at:self._keys_at + b]
-
-    def _first_key(self) -> int | None:
-        """The first key if it is an int spelled in 32 bits (see locate()), else None."""
-        self._first_unread = False
-        data = bytes(self.key_bytes_of(0))
-        if len(data) > 4 and data[2] in b"KMJ":
-            value = int.from_bytes(data[3:-1], "little", signed=data[2] == ord("J"))
-            if int_key_bytes(value) == data:
-                return value
-        return None
 
     def _empty(self, slot: int) -> bool:
         at = self._table_at + slot * self._width
@@ -455,6 +444,8 @@ class Index2:
 
     def key_of(self, number: int) -> Any:
         """The key of the item stored ``number``-th, unpickled."""
+        if self._first is not None:
+            return self._first + number
         f = self.footer
         at = f.key_offsets + number * f.width
         if self._lazy:
@@ -470,8 +461,10 @@ class Index2:
             raise index_error(self.name, exc) from exc
 
     def keys(self) -> list[Any]:
-        """Every key, in file order, unpickled now."""
+        """Every key, in file order, unpickled now (counted, in a :data:`KEYS_RANGE` file)."""
         f = self.footer
+        if self._first is not None:
+            return list(range(self._first, self._first + f.item_count))
         self.check(f.key_offsets, f.keys + f.keys_length - f.key_offsets)
         ends = np.frombuffer(
             self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"

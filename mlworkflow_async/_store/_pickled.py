@@ -22,13 +22,17 @@ The full description, field by field, is in
   table of the keys' pickled bytes with one fingerprint byte per slot, rows
   for items with several buffers, the keys' pickles, the context, and a
   checksum of every 4096-byte block of the region.
-- Footer, the last 144 bytes: a copy of the header (so that a remote file
-  opens from its last bytes), counts and lengths of the parts, the
-  checksum of the block checksums, its own checksum, and ``b"MLWDSEND"``.
+- Footer, the last 160 bytes: a copy of the header (so that a remote file
+  opens from its last bytes), counts and lengths of the parts, whether the
+  keys are the ints ``first, first + 1, ...`` in file order (and ``first``),
+  the checksum of the block checksums, its own checksum, and
+  ``b"MLWDSEND"``.
 
 Opening reads the header and footer and maps the index region: nothing is
 built per key, whatever the number of items. Keys are found by their
-pickle; the list of keys is unpickled only when asked for.
+pickle; the list of keys is unpickled only when asked for. In a file of
+indices (keys ``first, first + 1, ...``), key ``k`` is the ``k - first``-th
+item: a lookup reads one 16-byte entry, and the keys are counted, not read.
 
 Format 1 (``create(..., format_version=1)``) has the same header without
 checksum, the same items with 64-byte alignment, and a pickled index (keys,
