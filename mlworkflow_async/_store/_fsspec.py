@@ -16,7 +16,7 @@ from typing import Any
 import anyio.to_thread
 
 from ..exceptions import RemoteFileChangedError, RemoteFileError, RemoteFileNotFoundError
-from ._remote import Opened, Transient
+from ._transport import Opened, Transient
 
 __all__ = ["FsspecTransport"]
 

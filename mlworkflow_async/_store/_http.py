@@ -28,7 +28,7 @@ import aiohttp
 import anyio.to_thread
 
 from ..exceptions import RemoteFileChangedError, RemoteFileError, RemoteFileNotFoundError
-from ._remote import Opened, Transient
+from ._transport import Opened, Transient
 
 __all__ = ["HttpTransport"]
 

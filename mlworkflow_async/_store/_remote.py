@@ -32,40 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeGuard
+from typing import Any, TypeGuard
 
 import anyio
 import anyio.to_thread
 
 from .._core._loop_local import LoopLocal
 from ..exceptions import RemoteFileError
+from ._transport import Transient, Transport
 
 __all__ = ["RemoteOptions", "RemoteSource", "is_url", "open_source"]
-
-
-class Opened(NamedTuple):
-    """What opening a file on a server tells: its size, a validator, and its last bytes."""
-
-    size: int
-    validator: str
-    tail_start: int
-    tail: bytes
-
-
-class Transient(Exception):
-    """A failure worth trying again (the message says what happened)."""
-
-
-class Transport(Protocol):
-    """One URL's requests: what :mod:`._http` and :mod:`._fsspec` implement."""
-
-    url: str
-    host: str
-
-    async def open(self, tail: int) -> Opened: ...
-    async def fetch(self, start: int, stop: int) -> bytes: ...
-    async def aclose(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def is_url(name: object) -> TypeGuard[str]:
