@@ -5,22 +5,29 @@ for it: two thread wake-ups, whatever the call does. Measured on what costs
 least once there (a ``DictDataset`` lookup), against anyio's
 ``BlockingPortal.call`` of the same coroutine on the same loop (what the view
 used before), and for ``batches(64)`` against the same stream awaited.
+
+A local ``PickledDataset`` (and a ``DictDataset``) is read by ``ds.sync`` on the
+calling thread instead: ``query_item`` key by key, as a map-style
+``__getitem__`` calls it, against the original ``mlworkflow`` doing the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
+import tempfile
 import time
 from typing import Any
 
-from mlworkflow_async import DictDataset
-from mlworkflow_async._core._portal import get_portal
+from mlworkflow_async import DictDataset, PickledDataset
+from mlworkflow_async._core._portal import call, get_portal
 
+from ._data import small_items, write_both
 from ._table import Row, Timer, rate
 
 
-def _per_call(fn: Any, keys: range) -> float:
+def _per_call(fn: Any, keys: Any) -> float:
     started = time.perf_counter()
     for key in keys:
         fn(key)
@@ -29,14 +36,30 @@ def _per_call(fn: Any, keys: range) -> float:
 
 def _calls(n: int, rounds: int) -> tuple[float, float]:
     ds = DictDataset({i: {"i": i} for i in range(n)})
-    view = ds.sync
     portal = get_portal()
-    view.query_item(0)
+    call(ds.query_item, 0)
     ours, anyio_call = [], []
     for _ in range(rounds):  # alternate so drift hits both alike
-        ours.append(_per_call(view.query_item, range(n)))
+        ours.append(_per_call(lambda key: call(ds.query_item, key), range(n)))
         anyio_call.append(_per_call(lambda key: portal.call(ds.query_item, key), range(n)))
     return statistics.median(ours), statistics.median(anyio_call)
+
+
+def _file_calls(n: int, rounds: int) -> tuple[float, float]:
+    """Seconds a ``ds.sync.query_item`` of a W3a item, shuffled, and the original's."""
+    import mlworkflow
+
+    with tempfile.TemporaryDirectory() as folder:
+        ours_path, original_path = write_both(small_items(n), folder, "w10")
+        order = list(range(n))
+        random.Random(2).shuffle(order)
+        with PickledDataset(ours_path) as ds:
+            original = mlworkflow.PickledDataset(original_path)
+            ours, theirs = [], []
+            for _ in range(rounds):
+                ours.append(_per_call(ds.sync.query_item, order))
+                theirs.append(_per_call(original.query_item, order))
+    return statistics.median(ours), statistics.median(theirs)
 
 
 def _batches(n: int, rounds: int) -> tuple[float, float]:
@@ -67,9 +90,13 @@ def run(quick: bool) -> list[Row]:
     rounds = 3 if quick else 5
     ours, anyio_call = _calls(2_000 if quick else 10_000, rounds)
     sync_rate, async_rate = _batches(20_000 if quick else 100_000, rounds)
+    file_call, original_call = _file_calls(5_000 if quick else 20_000, rounds)
     return [
-        Row("W10 ds.sync.query_item, one call (DictDataset)", "us", ours * 1e6,
+        Row("W10 a blocking call (DictDataset.query_item on the loop)", "us", ours * 1e6,
             anyio_call * 1e6, "anyio BlockingPortal.call of the same coroutine", None,
+            higher_is_better=False),
+        Row("W10 ds.sync.query_item of a PickledDataset, W3a items shuffled", "us",
+            file_call * 1e6, original_call * 1e6, "mlworkflow 0.6 query_item", None,
             higher_is_better=False),
         Row("W10 ds.sync.batches(64) of small dicts, collated", "items/s", sync_rate, async_rate,
             "the same batches awaited", None),

@@ -102,6 +102,36 @@ async def test_a_pickled_dataset_subclass_gives_one_answer_everywhere(tmp_path: 
             assert answer == expected
 
 
+@pytest.mark.parametrize("override", ["query_item", "query_items"])
+async def test_blocking_reads_on_the_calling_thread_follow_overrides(
+    tmp_path: Path, override: str
+) -> None:
+    # A PickledDataset or DictDataset is read by the blocking view on the script's
+    # thread; a subclass that fetches its own way is read its own way there too.
+    source = tmp_path / "source.pkl"
+    await PickledDataset.create(DictDataset(SEED), source)
+
+    def marked(base: type) -> type:
+        if override == "query_item":
+            async def query_item(self: Any, key: Any) -> Any:
+                return "marked " + await base.query_item(self, key)
+
+            return type("Marked", (base,), {"query_item": query_item})
+
+        async def query_items(self: Any, keys: Any, concurrency: Any = None) -> Any:
+            return ["marked " + item for item in await base.query_items(self, keys)]
+
+        return type("Marked", (base,), {"query_items": query_items, "batched_queries": True})
+
+    keys = [2, 0, 9]
+    expected = [f"marked {SEED[key]}" for key in keys]
+    with marked(PickledDataset)(source) as ds:
+        answers = await asyncio.to_thread(run_blocking_paths, ds, keys)
+    answers += await asyncio.to_thread(run_blocking_paths, marked(DictDataset)(SEED), keys)
+    for answer in answers:
+        assert answer == expected
+
+
 class Doubling(AugmentedDataset[tuple[int, int], str]):
     def augment(self, root_key: int, root_item: str) -> Any:
         yield (root_key, 0), root_item

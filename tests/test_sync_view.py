@@ -165,3 +165,46 @@ def test_a_blocking_call_on_the_background_loop_refuses_instead_of_waiting_forev
 
     with pytest.raises(RuntimeError, match="wait on itself"):
         get_portal().call(nested)
+
+
+ON_THE_CALLING_THREAD = textwrap.dedent(
+    """
+    import sys, threading
+    sys.path.insert(0, {repo!r})
+    from mlworkflow_async import DictDataset, PickledDataset
+
+    with PickledDataset({path!r}) as ds:
+        got = [ds.sync.query_item(3), ds.sync.query_items([5, 0])]
+        ds._reader.inline = False  # as if no page were cached: read here, blocking
+        got += [ds.sync.query_item(4), ds.sync.query_items((1, 2))]
+        try:
+            ds.sync.query_item(99)
+        except KeyError as exc:
+            got.append(str(exc))
+    got.append(DictDataset({{"a": 1}}).sync.query_items(["a"]))
+    print(got)
+    print(threading.active_count())
+    """
+)
+
+
+def test_local_files_and_dicts_are_read_on_the_calling_thread(tmp_path: Path) -> None:
+    # The blocking view reads a PickledDataset (and looks up a DictDataset) on the
+    # script's thread: no event loop thread is started, the items are those of the
+    # file, cached or not, and a missing key says so as the awaited call does.
+    from mlworkflow_async import PickledDataset
+
+    path = tmp_path / "d.pkl"
+    asyncio.run(PickledDataset.create(DictDataset({i: f"v{i}" for i in range(10)}), path))
+    code = ON_THE_CALLING_THREAD.format(repo=str(Path(__file__).resolve().parents[1]),
+                                        path=str(path))
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert child.returncode == 0, child.stderr
+    got, threads = child.stdout.splitlines()
+    assert got == repr([
+        "v3", ["v5", "v0"], "v4", ["v1", "v2"],
+        f"'99 is not a key of the PickledDataset {path}'", [1],
+    ])
+    assert threads == "1"  # the script's own: no loop was needed

@@ -45,6 +45,12 @@ class DictDataset(Dataset[K, V]):
         self, keys: Sequence[K], concurrency: int | None = None
     ) -> list[V]:
         # Plain lookups: no need to schedule anything per item.
+        return self._lookup(keys)
+
+    def _blocking_items(self, keys: Sequence[K]) -> list[V] | None:
+        return self._lookup(keys)
+
+    def _lookup(self, keys: Sequence[K]) -> list[V]:
         dic = self.dic
         try:
             return [dic[key] for key in keys]

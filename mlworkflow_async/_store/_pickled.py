@@ -288,6 +288,14 @@ class PickledDataset(Dataset[Any, Any]):
             keys = list(keys)
         return await self._reader.query(keys)
 
+    def _blocking_items(self, keys: Sequence[Any]) -> list[Any] | None:
+        # A local file's reads are blocking calls: the blocking view makes them
+        # on its own thread (a remote file's requests need the event loop).
+        reader = self._reader
+        if not isinstance(reader, FileReader):
+            return None
+        return reader.query_blocking(keys if isinstance(keys, (list, tuple)) else list(keys))
+
     async def query_batch(self, keys: Sequence[Any], collate: Callable[[list[Any]], Any]) -> Any:
         """The batch of ``keys`` collated by ``collate``.
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -238,6 +239,34 @@ class FileReader:
 
     async def query(self, keys: Sequence[Any]) -> list[Any]:
         """The items of ``keys``, in order; at most one worker thread call."""
+        handle, out, rest = self._begin(keys)
+        try:
+            if rest is not None:
+                await anyio.to_thread.run_sync(rest)
+            else:
+                self._since_yield += len(out)
+                if self._since_yield >= _YIELD_EVERY:
+                    self._since_yield = 0
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            handle.release()
+        return out
+
+    def query_blocking(self, keys: Sequence[Any]) -> list[Any]:
+        """:meth:`query` on the calling thread, the items not cached read there too."""
+        handle, out, rest = self._begin(keys)
+        try:
+            if rest is not None:
+                rest()
+        finally:
+            handle.release()
+        return out
+
+    def _begin(
+        self, keys: Sequence[Any]
+    ) -> tuple[_Handle, list[Any], Callable[[], None] | None]:
+        """Serve the cached items of ``keys`` here; return the handle in use (acquired),
+        the items (None where not served yet), and what reads the rest (blocking), if any."""
         handle = self._live_handle()
         try:
             if not self.inline:
@@ -247,16 +276,11 @@ class FileReader:
                 out, cold = self._read_inline(handle, keys)
             else:
                 out, cold = self._read_inline_mapped(handle, keys)
-            if cold:
-                await anyio.to_thread.run_sync(self._read_blocking, handle, keys, cold, out)
-            else:
-                self._since_yield += len(out)
-                if self._since_yield >= _YIELD_EVERY:
-                    self._since_yield = 0
-                    await anyio.lowlevel.checkpoint()
-        finally:
+        except BaseException:
             handle.release()
-        return out
+            raise
+        rest = functools.partial(self._read_blocking, handle, keys, cold, out) if cold else None
+        return handle, out, rest
 
     def _failure(self, key: object, exc: Exception) -> Exception:
         """The error to raise when looking up or unpickling ``key`` raised ``exc``."""

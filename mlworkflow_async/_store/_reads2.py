@@ -24,6 +24,7 @@ into its slot of the batch (:meth:`Reader2.query_batch`).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import stat
@@ -170,8 +171,9 @@ class Reader2(_reads.FileReader):
                 "past the end of the file (was it truncated after being opened?)"
             )
 
-    async def query(self, keys: Sequence[Any]) -> list[Any]:
-        """The items of ``keys``, in order; at most one worker thread call."""
+    def _begin(
+        self, keys: Sequence[Any]
+    ) -> tuple[_reads._Handle, list[Any], Callable[[], None] | None]:
         entries = self.locate(keys)
         handle = self._live_handle()
         try:
@@ -179,18 +181,14 @@ class Reader2(_reads.FileReader):
             cold = self._read_inline2(handle, keys, entries, out) if self.inline else range(
                 len(keys)
             )
-            if cold:
-                await anyio.to_thread.run_sync(
-                    self._read_blocking2, handle, keys, entries, cold, out
-                )
-            else:
-                self._since_yield += len(out)
-                if self._since_yield >= _reads._YIELD_EVERY:
-                    self._since_yield = 0
-                    await anyio.lowlevel.checkpoint()
-        finally:
+        except BaseException:
             handle.release()
-        return out
+            raise
+        if not cold:
+            return handle, out, None
+        return handle, out, functools.partial(
+            self._read_blocking2, handle, keys, entries, cold, out
+        )
 
     def _bad(self, key: object) -> Exception:
         return corrupt(self.path, f"item {key!r} is damaged (checksum mismatch)")
