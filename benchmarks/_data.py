@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,6 +15,18 @@ def small_items(n: int) -> dict[int, dict[str, Any]]:
     """W3a items: a dict holding a 100-float32 array and an int."""
     rng = np.random.default_rng(0)
     return {i: {"x": rng.random(100, dtype=np.float32), "i": i} for i in range(n)}
+
+
+class Key(NamedTuple):
+    """A key as datasets often have them: a name and an index."""
+
+    name: str
+    index: int
+
+
+def named_items(n: int) -> dict[Key, dict[str, Any]]:
+    """The W3a items keyed by a NamedTuple."""
+    return {Key("image", i): item for i, item in small_items(n).items()}
 
 
 def large_items(n: int, megabytes: int = 4) -> dict[int, np.ndarray]:

@@ -16,11 +16,11 @@ import numpy as np
 
 from mlworkflow_async import PickledDataset
 
-from ._data import large_items, small_items, write_both
+from ._data import Key, large_items, named_items, small_items, write_both
 from ._table import Row, Timer, rate
 
 
-async def _ours_batches(path: str, order: list[int], collate: Any = None) -> float:
+async def _ours_batches(path: str, order: list[Any], collate: Any = None) -> float:
     count = 0
     async with await PickledDataset.open(path) as ds:
         with Timer(cpu=True) as t:
@@ -30,7 +30,7 @@ async def _ours_batches(path: str, order: list[int], collate: Any = None) -> flo
     return rate(count, t.seconds)
 
 
-def _original_batches(path: str, order: list[int]) -> float:
+def _original_batches(path: str, order: list[Any]) -> float:
     import mlworkflow
 
     ds = mlworkflow.PickledDataset(path)
@@ -76,6 +76,12 @@ def _w3a(folder: str, n: int, rounds: int) -> list[Row]:
         collate_list.append(asyncio.run(_ours_batches(ours_path, order, list)))
         original.append(_original_batches(original_path, order))
         raw.append(_raw_loop(ours_path, order))
+    named_path, named_original = write_both(named_items(n), folder, "w3a_named")
+    named_order = [Key("image", i) for i in order]
+    named, named_theirs = [], []
+    for _ in range(rounds):
+        named.append(asyncio.run(_ours_batches(named_path, named_order)))
+        named_theirs.append(_original_batches(named_original, named_order))
     return [
         Row(f"W3a {n:,} small items, batches(64), shuffled", "items/CPU-s", max(ours),
             max(original), "mlworkflow 0.6 PickledDataset", 6.0),
@@ -83,6 +89,8 @@ def _w3a(folder: str, n: int, rounds: int) -> list[Row]:
             "raw os.pread + CRC-32C + pickle.loads", 0.9),
         Row("W3a same with collate_fn=list (no collation)", "items/CPU-s", max(collate_list),
             max(raw), "raw os.pread + CRC-32C + pickle.loads", 0.9),
+        Row("W3a the same items keyed by a NamedTuple", "items/CPU-s", max(named),
+            max(named_theirs), "mlworkflow 0.6 PickledDataset", None),
     ]
 
 

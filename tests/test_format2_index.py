@@ -34,7 +34,7 @@ from mlworkflow_async._store._safe_unpickler import make_loads
 from mlworkflow_async._store._writes import AtomicFile
 from mlworkflow_async.exceptions import CorruptFileError
 
-from ._pickled_util import write_file
+from ._pickled_util import Key, write_file
 
 UNPICKLED = 0
 
@@ -176,6 +176,26 @@ def test_a_range_of_int_keys_is_looked_up_by_subtraction(tmp_path: Path, first: 
         assert not any(index._verified[number] for number in rest)
         index.check_all()  # what `verify` runs: the key parts spell the range
         assert ds.sync.query_items(keys) == [-k for k in keys]
+
+
+def test_lookups_stop_testing_block_flags_once_every_block_is_checked(tmp_path: Path) -> None:
+    # A lazily checked index tests a flag per block it touches; once every block
+    # has been checked (here by looking every key up), lookups go without.
+    path = tmp_path / "named.pkl"
+    keys = [Key("k" * 20, i) for i in range(30_000)]
+    write_file(path, dict.fromkeys(keys, 0))
+    with PickledDataset(path) as ds:
+        index = ds._reader.index
+        assert isinstance(index, Index2)
+        assert index.footer.blocks > EAGER_BYTES
+        assert index._lazy
+        ds.sync.query_items(keys[:100])
+        assert index._lazy
+        assert not all(index._verified)
+        ds.sync.query_items(keys[100:])
+        assert not index._lazy
+        assert all(index._verified)
+        assert ds.sync.query_items(keys[::-997]) == [0] * len(keys[::-997])
 
 
 def _footer_first(path: Path) -> int | None:

@@ -92,6 +92,7 @@ import numpy as np
 from ..exceptions import UnpicklableItemError
 from ._checksum import DEFAULT, Checksum, checksum_function, short_checksums
 from ._format import MAGIC, PROTOCOL, ItemPickler
+from ._spelled_keys import framed_off, int_key_bytes, spell_key
 
 __all__ = [
     "ALIGN",
@@ -168,33 +169,6 @@ _PLAIN = frozenset({int, str, bytes, float})
 _ATOMS = frozenset({int, str, bytes, float, bool, type(None)})
 
 
-def _framed_off(data: bytes) -> bytes:
-    return data[:2] + data[11:] if data[2] == 0x95 else data  # FRAME: optional, 9 bytes
-
-
-#: Protocol 5 pickles of the ints 0 to 255: the commonest keys.
-_SMALL_INTS = [_framed_off(pickle.dumps(i, PROTOCOL)) for i in range(256)]
-
-
-def int_key_bytes(key: int) -> bytes:
-    """:func:`key_bytes` of an ``int``, spelled without pickling for 32-bit values.
-
-    About twice as quick as pickling (keys are pickled for every lookup and
-    every item written, benchmarks W3a and W4); the opcodes are those the
-    pickler picks: ``K`` (one unsigned byte), ``M`` (two), ``J`` (four, signed).
-
-    >>> all(int_key_bytes(k) == key_bytes(k) for k in (0, 255, 256, 65536, -1, 2**31, -2**31))
-    True
-    """
-    if 0 <= key < 256:
-        return _SMALL_INTS[key]
-    if 0 <= key < 65536:
-        return b"\x80\x05M" + key.to_bytes(2, "little") + b"."
-    if -0x80000000 <= key < 0x80000000:
-        return b"\x80\x05J" + key.to_bytes(4, "little", signed=True) + b"."
-    return _framed_off(pickle.dumps(key, PROTOCOL))
-
-
 def int_keys_bytes(keys: Sequence[int]) -> tuple[bytes, Any] | None:
     """The :func:`int_key_bytes` of many ``int`` keys, joined, and where each starts and ends.
 
@@ -265,6 +239,9 @@ def key_bytes(key: Any) -> bytes:
     if kind in _PLAIN and kind is not str:
         data = pickle.dumps(key, PROTOCOL)
     else:
+        spelled = spell_key(key)  # strings, tuples, NamedTuples: 3 to 5x quicker
+        if spelled is not None:
+            return spelled
         if isinstance(key, np.integer):
             return key_bytes(int(key))
         out = io.BytesIO()
@@ -272,7 +249,7 @@ def key_bytes(key: Any) -> bytes:
         pickler.fast = True  # no memo: the bytes depend on values, not on identities
         pickler.dump(key)
         data = out.getvalue()
-    return _framed_off(data)
+    return framed_off(data)
 
 
 def key_hash(csum: Checksum, data: bytes) -> int:
