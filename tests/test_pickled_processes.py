@@ -6,9 +6,11 @@ import asyncio
 import json
 import multiprocessing
 import pickle
+import random
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -120,3 +122,72 @@ def test_forked_child_reads_with_its_own_descriptor(dataset_file: Path, use_mmap
     assert report["closed"]
     assert report["child_fd"] != report["parent_fd"]  # the child reopened the file
     assert report["fd_after"] == report["parent_fd"]
+
+
+MAP_STYLE = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    sys.path.insert(0, {repo!r})
+    from mlworkflow_async import PickledDataset
+    from tests._pickled_util import assert_same
+    from tests.test_pickled_processes import ITEMS, KEYS
+
+    ds = PickledDataset({path!r})
+
+    def getitem(index):  # what a map-style dataset's __getitem__ does
+        return ds.sync.query_item(KEYS[index])
+
+    getitem(0)  # read in the parent first, as a script does before its loader forks
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        items = pool.map(getitem, range(len(KEYS))[::-1])
+    for index, item in zip(range(len(KEYS))[::-1], items, strict=True):
+        assert_same(ITEMS[KEYS[index]], item)
+    print("ok")
+    """
+)
+
+
+def test_forked_workers_read_through_the_blocking_view(dataset_file: Path) -> None:
+    # A DataLoader's forked workers calling ds.sync.query_item: each reads on its
+    # own thread with its own descriptor, and no event loop is started anywhere.
+    code = MAP_STYLE.format(repo=REPO, path=str(dataset_file))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]
+
+
+def test_threads_share_the_blocking_reads_of_one_file(dataset_file: Path) -> None:
+    # Threads reading one open file through ds.sync at once, until it is closed
+    # under them: every item read is right, and the reads after the close say so.
+    with PickledDataset(dataset_file) as ds:
+        read_some = threading.Barrier(5)
+        closed = threading.Event()
+        failures: list[BaseException] = []
+        after_close: list[str] = []
+
+        def reader(seed: int) -> None:
+            order = random.Random(seed).sample(KEYS, len(KEYS))
+            try:
+                for key in order:
+                    assert_same(ITEMS[key], ds.sync.query_item(key))
+                read_some.wait(30)
+                closed.wait(30)
+                ds.sync.query_item(order[0])
+            except ValueError as exc:
+                after_close.append(str(exc))
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        read_some.wait(30)
+        ds.close()
+        closed.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures
+    assert len(after_close) == 4
+    assert all("is closed" in message for message in after_close)
