@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-from mlworkflow_async import DictDataset, PickledDataset
+from mlworkflow_async import DictDataset, PickledDataset, TransformedDataset
 from mlworkflow_async._core._portal import call, get_portal
 
 from ._data import small_items, write_both
@@ -45,8 +45,13 @@ def _calls(n: int, rounds: int) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(anyio_call)
 
 
-def _file_calls(n: int, rounds: int) -> tuple[float, float]:
-    """Seconds a ``ds.sync.query_item`` of a W3a item, shuffled, and the original's."""
+def _scale(key: int, item: dict[str, Any]) -> dict[str, Any]:
+    return {"x": item["x"] * 2, "i": item["i"]}
+
+
+def _file_calls(n: int, rounds: int) -> tuple[float, float, float, float]:
+    """Seconds a ``ds.sync.query_item`` of a W3a item, shuffled, and the original's;
+    then the same through a transform, as a map-style ``__getitem__`` makes them."""
     import mlworkflow
 
     with tempfile.TemporaryDirectory() as folder:
@@ -55,11 +60,16 @@ def _file_calls(n: int, rounds: int) -> tuple[float, float]:
         random.Random(2).shuffle(order)
         with PickledDataset(ours_path) as ds:
             original = mlworkflow.PickledDataset(original_path)
-            ours, theirs = [], []
+            chain = TransformedDataset(ds, [_scale])
+            original_chain = mlworkflow.TransformedDataset(original, [_scale])
+            ours, theirs, chained, theirs_chained = [], [], [], []
             for _ in range(rounds):
                 ours.append(_per_call(ds.sync.query_item, order))
                 theirs.append(_per_call(original.query_item, order))
-    return statistics.median(ours), statistics.median(theirs)
+                chained.append(_per_call(chain.sync.query_item, order))
+                theirs_chained.append(_per_call(original_chain.query_item, order))
+    median = statistics.median
+    return median(ours), median(theirs), median(chained), median(theirs_chained)
 
 
 def _batches(n: int, rounds: int) -> tuple[float, float]:
@@ -90,13 +100,18 @@ def run(quick: bool) -> list[Row]:
     rounds = 3 if quick else 5
     ours, anyio_call = _calls(2_000 if quick else 10_000, rounds)
     sync_rate, async_rate = _batches(20_000 if quick else 100_000, rounds)
-    file_call, original_call = _file_calls(5_000 if quick else 20_000, rounds)
+    file_call, original_call, chain_call, original_chain = _file_calls(
+        5_000 if quick else 20_000, rounds
+    )
     return [
         Row("W10 a blocking call (DictDataset.query_item on the loop)", "us", ours * 1e6,
             anyio_call * 1e6, "anyio BlockingPortal.call of the same coroutine", None,
             higher_is_better=False),
         Row("W10 ds.sync.query_item of a PickledDataset, W3a items shuffled", "us",
             file_call * 1e6, original_call * 1e6, "mlworkflow 0.6 query_item", None,
+            higher_is_better=False),
+        Row("W10 same through a TransformedDataset", "us", chain_call * 1e6,
+            original_chain * 1e6, "mlworkflow 0.6, the same transform", None,
             higher_is_better=False),
         Row("W10 ds.sync.batches(64) of small dicts, collated", "items/s", sync_rate, async_rate,
             "the same batches awaited", None),

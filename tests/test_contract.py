@@ -180,6 +180,22 @@ async def test_each_combinator_subclass_is_respected(
     assert await outer.query_items(keys) == expected
 
 
+@pytest.mark.parametrize(
+    ("name", "ds", "keys", "expected"),
+    combinator_subclasses(),
+    ids=[case[0] for case in combinator_subclasses()],
+)
+def test_each_combinator_subclass_is_respected_in_the_blocking_view(
+    name: str, ds: Dataset[Any, Any], keys: list[Any], expected: list[Any]
+) -> None:
+    # Over a DictDataset, a Subset or a TransformedDataset is read on the calling
+    # thread; subclassed to fetch their own way, they are read their own way.
+    outer = Subset(TransformedDataset(ds, [lambda key, item: item]), keys)
+    for view in (ds.sync, outer.sync):
+        assert [view.query_item(key) for key in keys] == expected
+        assert view.query_items(keys) == expected
+
+
 def test_a_bulk_backend_must_say_so() -> None:
     with pytest.raises(TypeError, match="batched_queries = True"):
 

@@ -208,3 +208,55 @@ def test_local_files_and_dicts_are_read_on_the_calling_thread(tmp_path: Path) ->
         f"'99 is not a key of the PickledDataset {path}'", [1],
     ])
     assert threads == "1"  # the script's own: no loop was needed
+
+
+CHAIN_ON_THE_CALLING_THREAD = textwrap.dedent(
+    """
+    import sys, threading
+    sys.path.insert(0, {repo!r})
+    from mlworkflow_async import PickledDataset, Subset, TransformedDataset
+
+    def scale(key, item):
+        if key == 7:
+            raise ValueError("no sevens")
+        return item * 2
+
+    async def shout(key, item):
+        return item.upper()
+
+    with PickledDataset({path!r}) as ds:
+        chain = Subset(TransformedDataset(ds, [scale]), range(8))
+        got = [chain.sync.query_item(3), chain.sync.query_items([1, 0])]
+        for bad, error in ((7, ValueError), (9, KeyError)):
+            try:
+                chain.sync.query_item(bad)
+            except error as exc:
+                got.append([type(exc).__name__, *getattr(exc, "__notes__", [])])
+        got.append(threading.active_count())
+        # An async transform runs on the event loop: the view goes there for it.
+        got.append(TransformedDataset(ds, [shout]).sync.query_item(2))
+        got.append(threading.active_count() > 1)
+    print(got)
+    """
+)
+
+
+def test_plain_transform_chains_over_a_file_are_read_on_the_calling_thread(
+    tmp_path: Path,
+) -> None:
+    from mlworkflow_async import PickledDataset
+
+    path = tmp_path / "d.pkl"
+    asyncio.run(PickledDataset.create(DictDataset({i: f"v{i}" for i in range(10)}), path))
+    code = CHAIN_ON_THE_CALLING_THREAD.format(
+        repo=str(Path(__file__).resolve().parents[1]), path=str(path)
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == repr([
+        "v3v3", ["v1v1", "v0v0"],
+        ["ValueError", "raised by transform scale", "while querying key 7 of TransformedDataset"],
+        ["KeyError"], 1, "V2", True,
+    ])

@@ -99,6 +99,19 @@ class TransformedDataset(SameKeys[K, V]):
                 items = self._apply(transform, keys, items)
         return items
 
+    def _blocking_items(self, keys: Sequence[K]) -> list[V] | None:
+        # Plain transforms over a parent read on the calling thread run there too,
+        # as the original library ran them (a map-style __getitem__ over a file).
+        if self._pool is not None or any(is_async for _, is_async in self._steps):
+            return None
+        items = self.parent._blocking_items(keys)
+        if items is None:
+            return None
+        keys = list(keys)
+        for transform, _ in self._steps:
+            items = self._apply(transform, keys, items)
+        return items
+
     async def _in_pool(self, keys: list[K], items: list[Any]) -> list[Any]:
         """The transforms over a batch, by the workers: consecutive steps in one hop."""
         pool = self._pool

@@ -66,3 +66,8 @@ class Subset(Derived[K, V]):
         for key in keys:
             self._check(key)
         return await self._parent_items(list(keys), concurrency)
+
+    def _blocking_items(self, keys: Sequence[K]) -> list[V] | None:
+        for key in keys:
+            self._check(key)
+        return self.parent._blocking_items(list(keys))
