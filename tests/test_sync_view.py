@@ -260,3 +260,37 @@ def test_plain_transform_chains_over_a_file_are_read_on_the_calling_thread(
         ["ValueError", "raised by transform scale", "while querying key 7 of TransformedDataset"],
         ["KeyError"], 1, "V2", True,
     ])
+
+
+@pytest.mark.parametrize("kind", ["format 2", "format 1", "original"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_every_kind_of_file_reads_alike_on_the_calling_thread(
+    tmp_path: Path, kind: str, mmap: bool
+) -> None:
+    # The blocking reads of each file format, with and without maps, cached or
+    # not, give what the awaited reads give; a missing key is a KeyError either way.
+    import numpy as np
+
+    from mlworkflow_async import PickledDataset
+
+    from ._pickled_util import assert_same, write_file, write_original_file
+
+    items: dict[Any, Any] = {i: {"x": np.full(3, i), "i": i} for i in range(40)}
+    items["big"] = np.arange(300_000, dtype=np.float64)  # mapped, not copied
+    path = tmp_path / "f.pkl"
+    if kind == "original":
+        write_original_file(path, items)
+    else:
+        write_file(path, items, version=2 if kind == "format 2" else 1)
+    keys = list(items)[::-1]
+    with PickledDataset(path, mmap=mmap) as ds:
+        awaited = asyncio.run(ds.query_items(keys))
+        for inline in (True, False):
+            ds._reader.inline = inline  # False: as if no page were cached
+            for key, blocking, expected in zip(keys, ds.sync.query_items(keys), awaited,
+                                               strict=True):
+                assert_same(expected, blocking)
+                assert_same(items[key], blocking)
+            assert_same(items["big"], ds.sync.query_item("big"))
+        with pytest.raises(KeyError, match="nope"):
+            ds.sync.query_item("nope")
