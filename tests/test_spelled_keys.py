@@ -170,3 +170,20 @@ def test_files_find_spelled_keys(tmp_path: Any) -> None:
     with PickledDataset(path) as ds:
         assert ds.sync.query_items(keys[::-1]) == list(range(len(keys)))[::-1]
         assert ds.sync.keys.all() == keys
+
+
+def test_classes_made_on_the_fly_are_not_held_forever() -> None:
+    import gc
+    import weakref
+
+    from mlworkflow_async._store import _spelled_keys
+
+    made = []
+    for index in range(1100):
+        cls = type(f"Made{index}", (), {})
+        made.append(weakref.ref(cls))
+        assert spell_key((cls(), index)) is None
+        del cls
+    gc.collect()
+    assert len(_spelled_keys._prefixes) <= 1024
+    assert sum(ref() is None for ref in made) >= 1024 - 10

@@ -113,6 +113,8 @@ def _spell(value: Any, parts: list[bytes], depth: int) -> bool:
     else:
         prefix = _prefixes.get(kind)
         if prefix is None:
+            if len(_prefixes) >= 1024:  # classes made on the fly: hold none forever
+                _prefixes.clear()
             prefix = _prefixes[kind] = _class_prefix(kind)
         # Registrations made after the class was first seen change what the pickler does.
         if not prefix or kind in copyreg.dispatch_table:
