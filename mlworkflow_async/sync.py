@@ -232,6 +232,8 @@ class SyncView(Generic[K, V]):
     def query_items(self, keys: Sequence[K], concurrency: int | None = None) -> list[V]:
         ensure_blocking_allowed("dataset.sync.query_items()", "`await dataset.query_items(keys)`")
         dataset = self.dataset
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)  # read once, whichever way the items then come
         served = dataset._blocking_items(keys)
         if served is not None:
             return served

@@ -294,3 +294,14 @@ def test_every_kind_of_file_reads_alike_on_the_calling_thread(
             assert_same(items["big"], ds.sync.query_item("big"))
         with pytest.raises(KeyError, match="nope"):
             ds.sync.query_item("nope")
+
+
+def test_keys_given_once_are_read_once_whichever_way_items_come() -> None:
+    # A Subset checks its keys on the calling thread before its parent (filtered,
+    # so read through the loop) is asked: keys given as an iterator must survive.
+    from mlworkflow_async import FilteredDataset, Subset
+
+    parent = FilteredDataset(DictDataset({i: -i for i in range(10)}), lambda key: key % 2 == 0)
+    chain = Subset(parent, [0, 2, 4])
+    assert chain.sync.query_items(iter([4, 0])) == [-4, 0]  # type: ignore[arg-type]
+    assert DictDataset({1: "a"}).sync.query_items(iter([1])) == ["a"]  # type: ignore[arg-type]
