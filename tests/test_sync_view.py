@@ -305,3 +305,40 @@ def test_keys_given_once_are_read_once_whichever_way_items_come() -> None:
     chain = Subset(parent, [0, 2, 4])
     assert chain.sync.query_items(iter([4, 0])) == [-4, 0]  # type: ignore[arg-type]
     assert DictDataset({1: "a"}).sync.query_items(iter([1])) == ["a"]  # type: ignore[arg-type]
+
+
+def test_a_key_filter_over_a_file_is_judged_on_the_calling_thread(tmp_path: Path) -> None:
+    from mlworkflow_async import FilteredDataset, PickledDataset, TransformedDataset
+
+    path = tmp_path / "d.pkl"
+    asyncio.run(PickledDataset.create(DictDataset({i: f"v{i}" for i in range(20)}), path))
+    judged: list[tuple[int, threading.Thread]] = []
+
+    def even(key: int) -> bool:
+        judged.append((key, threading.current_thread()))
+        if key == 31:  # not in the file: only a query judges it
+            raise ValueError("unlucky")
+        return key % 2 == 0
+
+    with PickledDataset(path) as ds:
+        kept = FilteredDataset(ds, even)
+        assert kept.sync.query_items([4, 2]) == ["v4", "v2"]
+        assert {thread for _, thread in judged} == {threading.current_thread()}
+        with pytest.raises(KeyError, match="filters it out"):
+            kept.sync.query_item(3)
+        with pytest.raises(ValueError, match="unlucky") as info:
+            kept.sync.query_item(31)
+        assert any(note.startswith("raised by predicate") and note.endswith(".even")
+                   for note in info.value.__notes__)
+        with pytest.raises(KeyError, match="98 is not a key of the PickledDataset") as missing:
+            kept.sync.query_item(98)  # kept by the predicate, but not in the file
+        assert any("FilteredDataset" in note for note in missing.value.__notes__)
+        # Keys vetted by discovery are not judged again.
+        assert kept.sync.keys.all() == list(range(0, 20, 2))
+        judged.clear()
+        chain = TransformedDataset(kept, [lambda key, item: item.upper()])
+        assert chain.sync.query_items([6, 8]) == ["V6", "V8"]
+        assert judged == []
+        # A pair predicate reads items through the loop, as everything else does.
+        pairs = FilteredDataset(ds, lambda key, item: item.endswith("1"))
+        assert pairs.sync.query_item(11) == "v11"

@@ -153,12 +153,23 @@ class FilteredDataset(Derived[K, V]):
 
             results = await map_ordered(one, range(len(keys)), len(keys), self)
         else:
-            try:
-                # One C-level pass; extend() keeps what came before a failure.
-                results.extend(map(self.predicate, *columns))
-            except Exception as exc:
-                self._note(exc, keys[len(results)])
-                raise
+            return self._judge_plain(keys, items)
+        return self._verdicts(keys, results)
+
+    def _judge_plain(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
+        """:meth:`_judge` by a plain predicate, on the calling thread."""
+        columns: tuple[Sequence[Any], ...] = (keys,) if items is None else (keys, items)
+        results: list[Any] = []
+        try:
+            # One C-level pass; extend() keeps what came before a failure.
+            results.extend(map(self.predicate, *columns))
+        except Exception as exc:
+            self._note(exc, keys[len(results)])
+            raise
+        return self._verdicts(keys, results)
+
+    def _verdicts(self, keys: Sequence[K], results: list[Any]) -> list[bool]:
+        """The predicate's results as kept or not, each checked to be a bool."""
         if not {bool}.issuperset(map(type, results)):
             try:
                 results = [
@@ -240,10 +251,31 @@ class FilteredDataset(Derived[K, V]):
                 results[index] = item
         return results
 
+    def _blocking_items(self, keys: Sequence[K]) -> list[V] | None:
+        # A plain key predicate over a parent read on the calling thread: judged
+        # there too (keys vetted by discovery are not judged again).
+        if self.by_pairs or self._async or self._pool is not None:
+            return None
+        keys = list(keys)
+        vetted = self._vetted
+        if not all(map(vetted.__contains__, keys)):
+            unvetted = [key for key in keys if key not in vetted]
+            verdicts = self._judge_plain(unvetted, None)
+            if not all(verdicts):
+                raise self._rejected(unvetted[verdicts.index(False)])
+        try:
+            return self.parent._blocking_items(keys)
+        except KeyError as exc:
+            self._note_missing(exc, keys)
+            raise
+
     async def _from_parent(self, keys: list[K], concurrency: int | None) -> list[V]:
         try:
             return await self._parent_items(keys, concurrency)
         except KeyError as exc:
-            if len(keys) == 1:
-                add_key_note(exc, keys[0], self)
+            self._note_missing(exc, keys)
             raise
+
+    def _note_missing(self, exc: KeyError, keys: list[K]) -> None:
+        if len(keys) == 1:
+            add_key_note(exc, keys[0], self)
