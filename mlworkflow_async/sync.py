@@ -218,10 +218,13 @@ class SyncView(Generic[K, V]):
     def query_item(self, key: K) -> V:
         """Blocking :meth:`Dataset.query_item`.
 
-        A local ``PickledDataset`` or a ``DictDataset`` (not subclassed to fetch
-        otherwise) is read on the calling thread: about 20x quicker a call than
-        a round trip to the event loop, and what a map-style ``__getitem__``
-        (PyTorch's ``Dataset``, say) wants.
+        A local ``PickledDataset`` or a ``DictDataset``, and a ``Subset``, a
+        ``FilteredDataset`` of a plain key predicate or a ``TransformedDataset``
+        of plain transforms over one (none subclassed to fetch otherwise), is
+        read on the calling thread, its functions run there: about 20x quicker
+        a call than a round trip to the event loop, and what a map-style
+        ``__getitem__`` (PyTorch's ``Dataset``, say) wants. Anything else runs
+        on the event loop's thread.
         """
         ensure_blocking_allowed("dataset.sync.query_item()", "`await dataset.query_item(key)`")
         served = self.dataset._blocking_items((key,))
