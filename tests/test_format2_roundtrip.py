@@ -17,7 +17,14 @@ from mlworkflow_async._core import _collate
 from mlworkflow_async._store import _checksum, _format2
 from mlworkflow_async._store._batch_buffers import BatchBuffers
 from mlworkflow_async._store._checksum import checksum_function
-from mlworkflow_async._store._format2 import FOOTER, FOOTER_SIZE, HEADER2, key_bytes
+from mlworkflow_async._store._format2 import (
+    FIRST_FOOTER,
+    FIRST_FOOTER_SIZE,
+    FOOTER,
+    FOOTER_SIZE,
+    HEADER2,
+    key_bytes,
+)
 from mlworkflow_async._store._reads2 import Reader2
 from mlworkflow_async._store._writes import AtomicFile
 from mlworkflow_async.exceptions import CorruptFileError
@@ -426,3 +433,51 @@ def test_convert_upgrades_format_1_and_verify_checks_every_byte(
     assert "BROKEN: item 'big'" in capsys.readouterr().out
     assert main(["info", str(new)]) == 0
     assert "CRC-32" in capsys.readouterr().out
+
+
+def _as_first_layout(data: bytes) -> bytes:
+    """The same file with the footer written before the first key and flags existed."""
+    at = len(data) - FOOTER_SIZE
+    fields = FOOTER.unpack_from(data, at + 64)
+    csum = checksum_function(HEADER2.unpack_from(data)[3])
+    assert csum is not None
+    body = data[at:at + 64] + FIRST_FOOTER.pack(*fields[:7], *fields[9:])
+    crc = csum(body[:FIRST_FOOTER_SIZE - 12])
+    return data[:at] + body[:FIRST_FOOTER_SIZE - 12] + struct.pack("<I", crc) + b"MLWDSEND"
+
+
+@pytest.mark.parametrize("keys", ["indices", "named"])
+def test_files_with_the_first_footer_layout_still_read(tmp_path: Path, keys: str) -> None:
+    # Format 2 files written before the footer held the first key and flags: read
+    # locally and remotely, through the hash table (their keys are not declared a
+    # range), and checked whole by `verify`.
+    import fsspec
+
+    from mlworkflow_async.__main__ import main
+
+    items = {i if keys == "indices" else Key("k", i): {"x": np.full(3, i), "i": i}
+             for i in range(300)}
+    path = tmp_path / "first.pkl"
+    write_file(path, items)
+    path.write_bytes(_as_first_layout(path.read_bytes()))
+    order = list(items)[::-7]
+    with PickledDataset(path) as ds:
+        assert ds._reader.index.footer.first is None
+        for key, item in zip(order, ds.sync.query_items(order), strict=True):
+            assert item["i"] == items[key]["i"]
+        assert ds.sync.keys.all() == list(items)
+    assert main(["verify", str(path)]) == 0
+    fsspec.filesystem("memory").pipe_file(f"/first/{keys}.pkl", path.read_bytes())
+
+    async def remote_read() -> list[Any]:
+        async with await PickledDataset.open(f"memory://first/{keys}.pkl") as remote:
+            return await remote.query_items(order)
+
+    for key, item in zip(order, asyncio.run(remote_read()), strict=True):
+        assert item["i"] == items[key]["i"]
+    # Damaged, such a footer is refused as any other.
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="footer is damaged"):
+        PickledDataset(path)

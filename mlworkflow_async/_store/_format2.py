@@ -61,6 +61,10 @@ Footer, the last 160 bytes
     opens from its last bytes and its index region: two requests at most,
     one when the index fits in the first.
 
+    Files written before the first key and the flags were added end with
+    the same footer without those two fields (144 bytes; the checksum covers
+    its first 132): readers tell the two apart by which checksum holds.
+
 Footer flags
     1 (``KEYS_RANGE``): the keys are the ints ``first, first + 1, ...,
     first + count - 1`` in file order, all within 32 bits (a dataset of
@@ -98,6 +102,8 @@ __all__ = [
     "ALIGN",
     "BLOCK",
     "ENTRY",
+    "FIRST_FOOTER",
+    "FIRST_FOOTER_SIZE",
     "FOOTER",
     "FOOTER_SIZE",
     "HEADER2",
@@ -117,6 +123,9 @@ HEADER2 = struct.Struct("<8sIII40xI")
 #: The footer's fields, after its copy of the header.
 FOOTER = struct.Struct("<QQQQQQQqQIIII8s")
 FOOTER_SIZE = HEADER2.size + FOOTER.size
+#: The footer as written before the first key and the flags (144 bytes): still read.
+FIRST_FOOTER = struct.Struct("<QQQQQQQIIII8s")
+FIRST_FOOTER_SIZE = HEADER2.size + FIRST_FOOTER.size
 END_MAGIC = b"MLWDSEND"
 ENTRY = struct.Struct("<QII")
 EXT = struct.Struct("<QQQ")

@@ -33,6 +33,8 @@ from ._format2 import (
     END_MAGIC,
     ENTRY,
     EXT,
+    FIRST_FOOTER,
+    FIRST_FOOTER_SIZE,
     FOOTER,
     FOOTER_SIZE,
     HEADER2,
@@ -100,14 +102,20 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     ``head`` is the file's first 64 bytes, or None where reading them would
     cost another request: the footer's copy of the header stands in.
     """
-    if size < HEADER2.size + FOOTER_SIZE or len(foot) < FOOTER_SIZE or (
+    if size < HEADER2.size + FIRST_FOOTER_SIZE or len(foot) < FOOTER_SIZE or (
         head is not None and len(head) < HEADER2.size
     ):
         raise corrupt(
             name, "its end-of-file marker is missing: it is truncated, or its writer was "
             "interrupted"
         )
-    fields = FOOTER.unpack_from(foot, HEADER2.size)
+    first_layout = _first_layout(foot)
+    if first_layout:
+        foot = foot[FOOTER_SIZE - FIRST_FOOTER_SIZE:]
+    layout, footer_size = (
+        (FIRST_FOOTER, FIRST_FOOTER_SIZE) if first_layout else (FOOTER, FOOTER_SIZE)
+    )
+    fields = layout.unpack_from(foot, HEADER2.size)
     if fields[-1] != END_MAGIC:
         raise corrupt(
             name, "its end-of-file marker is missing: it is truncated, or its writer was "
@@ -130,12 +138,14 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
         )
     if csum(head[: HEADER2.size - 4]) != head_crc:
         raise corrupt(name, "its header is damaged (checksum mismatch)")
-    if csum(foot[: FOOTER_SIZE - 12]) != fields[-2]:
+    if csum(foot[: footer_size - 12]) != fields[-2]:
         raise corrupt(name, "its footer is damaged (checksum mismatch)")
     if bytes(head[:HEADER2.size]) != copy:
         raise corrupt(name, "its header and the copy in its footer differ")
     # The reserved bytes lie between the algorithm field and the checksum.
     check_flags(name, flags, bytes(head[20:HEADER2.size - 4]))
+    if first_layout:
+        fields = (*fields[:7], 0, 0, *fields[7:])
     (index_offset, count, table_length, ext_count, row_count, keys_length, context_length,
      first, footer_flags, blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):
@@ -161,7 +171,7 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     region_length = blocks + 4 * block_count
     if (
         index_offset < HEADER2.size
-        or index_offset + region_length + FOOTER_SIZE != size
+        or index_offset + region_length + footer_size != size
         or table_length < min(1, count) or table_length > 2 * capacity(count) + 1
     ):
         raise corrupt(
@@ -173,6 +183,19 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
         keys_length, context_length, first, blocks_crc, width, block, key_offsets, table,
         prints, ext, rows, keys, context, blocks, block_count, region_length,
     )
+
+
+def _first_layout(foot: bytes) -> bool:
+    """Whether the last bytes ``foot`` end with an intact footer of the first layout
+    (see :data:`~._format2.FIRST_FOOTER`) rather than one of the current layout."""
+    for start, size in ((0, FOOTER_SIZE), (FOOTER_SIZE - FIRST_FOOTER_SIZE, FIRST_FOOTER_SIZE)):
+        piece = foot[start:]
+        if piece[:8] != MAGIC or len(piece) < size:
+            continue
+        csum = checksum_function(HEADER2.unpack_from(piece)[3])
+        if csum is not None and csum(piece[:size - 12]) == _U32.unpack_from(piece, size - 12)[0]:
+            return start > 0
+    return False
 
 
 class Index2:
