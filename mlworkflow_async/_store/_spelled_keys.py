@@ -84,14 +84,12 @@ def spell_key(key: Any) -> bytes | None:
 def _spell(value: Any, parts: list[bytes], depth: int) -> bool:
     kind = type(value)
     if kind is str:
-        data = value.encode("utf-8", "surrogatepass")
-        size = len(data)
-        if size > _LIMIT:
-            return False
         # SHORT_BINUNICODE, or BINUNICODE from 256 bytes.
-        parts.append(b"\x8c" + bytes((size,)) + data if size < 256
-                     else b"X" + size.to_bytes(4, "little") + data)
-    elif kind is int:
+        return _counted(value.encode("utf-8", "surrogatepass"), b"\x8c", b"X", parts)
+    if kind is bytes:
+        # SHORT_BINBYTES, or BINBYTES from 256 bytes.
+        return _counted(value, b"C", b"B", parts)
+    if kind is int:
         if not -0x80000000 <= value < 0x80000000:
             return False  # LONG1: left to the pickler
         parts.append(int_key_bytes(value)[2:-1])
@@ -99,13 +97,6 @@ def _spell(value: Any, parts: list[bytes], depth: int) -> bool:
         return _spell_tuple(value, parts, depth)
     elif kind is float:
         parts.append(b"G" + _DOUBLE.pack(value))  # BINFLOAT
-    elif kind is bytes:
-        size = len(value)
-        if size > _LIMIT:
-            return False
-        # SHORT_BINBYTES, or BINBYTES from 256 bytes.
-        parts.append(b"C" + bytes((size,)) + value if size < 256
-                     else b"B" + size.to_bytes(4, "little") + value)
     elif value is None:
         parts.append(b"N")
     elif kind is bool:
@@ -123,6 +114,16 @@ def _spell(value: Any, parts: list[bytes], depth: int) -> bool:
         if not _spell_tuple(tuple(value), parts, depth):
             return False
         parts.append(b"\x81")  # NEWOBJ
+    return True
+
+
+def _counted(data: bytes, short: bytes, long: bytes, parts: list[bytes]) -> bool:
+    """``data`` after its opcode and length: one byte below 256 bytes, else four."""
+    size = len(data)
+    if size > _LIMIT:
+        return False
+    parts.append(short + bytes((size,)) + data if size < 256
+                 else long + size.to_bytes(4, "little") + data)
     return True
 
 
