@@ -63,7 +63,8 @@ Footer, the last 160 bytes
 
     Files written before the first key and the flags were added end with
     the same footer without those two fields (144 bytes; the checksum covers
-    its first 132): readers tell the two apart by which checksum holds.
+    its first 132): readers tell the two apart by where the header's copy
+    starts.
 
 Footer flags
     1 (``KEYS_RANGE``): the keys are the ints ``first, first + 1, ...,
@@ -112,6 +113,7 @@ __all__ = [
     "PAGE",
     "VERSION2",
     "Encoder2",
+    "footer_at",
     "header2",
     "header_intact",
     "key_bytes",
@@ -153,6 +155,17 @@ def header2(algorithm: int = DEFAULT) -> bytes:
     assert csum is not None
     head = HEADER2.pack(MAGIC, VERSION2, 0, algorithm, 0)[:_HEADER_SPAN]
     return head + struct.pack("<I", csum(head))
+
+
+def footer_at(foot: bytes) -> int:
+    """Where the footer starts in the last :data:`FOOTER_SIZE` bytes of a file.
+
+    0 for the current layout; 16 for the first one (:data:`FIRST_FOOTER`),
+    told by the header's copy that starts every footer. The footer's own
+    checksum then decides whether it is intact.
+    """
+    late = FOOTER_SIZE - FIRST_FOOTER_SIZE
+    return late if foot[:8] != MAGIC and foot[late:late + 8] == MAGIC else 0
 
 
 def header_intact(path: str) -> bool:

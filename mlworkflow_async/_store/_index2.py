@@ -44,6 +44,7 @@ from ._format2 import (
     TAG_SHIFT,
     VERSION2,
     capacity,
+    footer_at,
     key_bytes,
     spell_int_keys,
 )
@@ -109,9 +110,9 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
             name, "its end-of-file marker is missing: it is truncated, or its writer was "
             "interrupted"
         )
-    first_layout = _first_layout(foot)
-    if first_layout:
-        foot = foot[FOOTER_SIZE - FIRST_FOOTER_SIZE:]
+    start = footer_at(foot)
+    first_layout = start > 0
+    foot = foot[start:]
     layout, footer_size = (
         (FIRST_FOOTER, FIRST_FOOTER_SIZE) if first_layout else (FOOTER, FOOTER_SIZE)
     )
@@ -183,19 +184,6 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
         keys_length, context_length, first, blocks_crc, width, block, key_offsets, table,
         prints, ext, rows, keys, context, blocks, block_count, region_length,
     )
-
-
-def _first_layout(foot: bytes) -> bool:
-    """Whether the last bytes ``foot`` end with an intact footer of the first layout
-    (see :data:`~._format2.FIRST_FOOTER`) rather than one of the current layout."""
-    for start, size in ((0, FOOTER_SIZE), (FOOTER_SIZE - FIRST_FOOTER_SIZE, FIRST_FOOTER_SIZE)):
-        piece = foot[start:]
-        if piece[:8] != MAGIC or len(piece) < size:
-            continue
-        csum = checksum_function(HEADER2.unpack_from(piece)[3])
-        if csum is not None and csum(piece[:size - 12]) == _U32.unpack_from(piece, size - 12)[0]:
-            return start > 0
-    return False
 
 
 class Index2:

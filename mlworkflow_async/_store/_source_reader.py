@@ -27,7 +27,7 @@ import anyio.to_thread
 from ..exceptions import CorruptFileError, RemoteFileError
 from ._format import HEADER_SIZE, MAGIC, MAP_THRESHOLD, Layout, check_header, corrupt, item_error
 from ._format import parse as parse_index
-from ._format2 import END_MAGIC, FIRST_FOOTER_SIZE, FOOTER_SIZE, HEADER2, VERSION2
+from ._format2 import END_MAGIC, FOOTER_SIZE, HEADER2, VERSION2, footer_at
 from ._index2 import Index2, MemoryIndex
 from ._legacy import looks_legacy, parse_legacy
 from ._reads import INLINE_BYTES
@@ -231,8 +231,7 @@ async def _format2_from_tail(source: RemoteSource, loads: Any) -> Index2 | None:
     foot = source.peek(size - FOOTER_SIZE, FOOTER_SIZE) if size >= FOOTER_SIZE else None
     if foot is None or not foot.endswith(END_MAGIC):
         return None
-    # The header's copy starts the footer, of either layout (see _format2).
-    copy = foot if foot.startswith(MAGIC) else foot[FOOTER_SIZE - FIRST_FOOTER_SIZE:]
+    copy = foot[footer_at(foot):]  # the header's copy starts the footer
     if not copy.startswith(MAGIC) or int.from_bytes(copy[8:12], "little") != VERSION2:
         return None
     try:
