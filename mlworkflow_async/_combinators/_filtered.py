@@ -131,6 +131,8 @@ class FilteredDataset(Derived[K, V]):
 
     async def _judge(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
         """Keep or not, for a batch of keys (and their items, for a pair predicate)."""
+        if self._pool is None and not self._async:
+            return self._judge_plain(keys, items)
         columns: tuple[Sequence[Any], ...] = (keys,) if items is None else (keys, items)
         results: list[Any] = []
         if self._pool is not None and not (self._async and self._pool.in_threads):
@@ -141,7 +143,7 @@ class FilteredDataset(Derived[K, V]):
             results = await self._pool.run_batch(
                 self.predicate, list(zip(*columns, strict=True)), keys=keys, on_error=noted
             )
-        elif self._async:
+        else:
 
             async def one(index: int) -> Any:
                 try:
@@ -152,8 +154,6 @@ class FilteredDataset(Derived[K, V]):
                     raise
 
             results = await map_ordered(one, range(len(keys)), len(keys), self)
-        else:
-            return self._judge_plain(keys, items)
         return self._verdicts(keys, results)
 
     def _judge_plain(self, keys: Sequence[K], items: Sequence[V] | None) -> list[bool]:
@@ -182,6 +182,17 @@ class FilteredDataset(Derived[K, V]):
                         result.close()
                 raise
         return results if self.keep_positive else list(map(not_, results))
+
+    def _unvetted(self, keys: list[K]) -> list[K]:
+        """The keys that key discovery has not accepted lately: those to judge."""
+        vetted = self._vetted
+        if all(map(vetted.__contains__, keys)):
+            return []
+        return [key for key in keys if key not in vetted]
+
+    def _refuse_rejected(self, keys: list[K], verdicts: list[bool]) -> None:
+        if not all(verdicts):
+            raise self._rejected(keys[verdicts.index(False)])
 
     def _rejected(self, key: K) -> KeyError:
         return KeyError(
@@ -230,12 +241,9 @@ class FilteredDataset(Derived[K, V]):
     ) -> list[V]:
         keys = list(keys)
         if not self.by_pairs:
-            vetted = self._vetted
-            if not all(map(vetted.__contains__, keys)):
-                unvetted = [key for key in keys if key not in vetted]
-                verdicts = await self._judge(unvetted, None)
-                if not all(verdicts):
-                    raise self._rejected(unvetted[verdicts.index(False)])
+            unvetted = self._unvetted(keys)
+            if unvetted:
+                self._refuse_rejected(unvetted, await self._judge(unvetted, None))
             return await self._from_parent(keys, concurrency)
         pending = self._pending
         before = len(pending)
@@ -257,12 +265,9 @@ class FilteredDataset(Derived[K, V]):
         if self.by_pairs or self._async or self._pool is not None:
             return None
         keys = list(keys)
-        vetted = self._vetted
-        if not all(map(vetted.__contains__, keys)):
-            unvetted = [key for key in keys if key not in vetted]
-            verdicts = self._judge_plain(unvetted, None)
-            if not all(verdicts):
-                raise self._rejected(unvetted[verdicts.index(False)])
+        unvetted = self._unvetted(keys)
+        if unvetted:
+            self._refuse_rejected(unvetted, self._judge_plain(unvetted, None))
         try:
             return self.parent._blocking_items(keys)
         except KeyError as exc:
