@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 
 from mlworkflow_async.exceptions import RunnerClosedError, SyncInLoopError
 from mlworkflow_async.sync import SideRunner
+
+from ._forking import refusal_in_forked_child
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -320,23 +321,11 @@ def test_ctrl_c_cancels_running_and_queued_work(mode: str) -> None:
     assert "KeyboardInterrupt" in err
 
 
-def _use_in_child(runner: SideRunner, report: Path) -> None:
-    try:
-        runner.run_async(abs, -1)
-    except RunnerClosedError as exc:
-        runner.close()  # a no-op here: the work belongs to the parent
-        report.write_text(str(exc))
-
-
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_runner_inherited_by_a_forked_child_refuses_clearly(tmp_path: Path) -> None:
-    report = tmp_path / "child.txt"
     with SideRunner(1) as runner:
-        child = multiprocessing.get_context("fork").Process(
-            target=_use_in_child, args=(runner, report)
+        message = refusal_in_forked_child(
+            tmp_path, lambda: runner.run_async(abs, -1), runner.close, RunnerClosedError
         )
-        child.start()
-        child.join(30)
-        assert child.exitcode == 0
         assert runner.run_async(abs, -2).result(timeout=5) == 2  # the parent's is fine
-    assert "child process" in report.read_text()
+    assert "child process" in message

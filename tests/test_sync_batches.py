@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 
 from mlworkflow_async import Dataset, DictDataset
+
+from ._forking import refusal_in_forked_child
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -99,26 +100,14 @@ def test_leaving_the_loop_stops_taking_batches() -> None:
     assert handoff._task.cancelled()
 
 
-def _continue_in_child(stream: Any, report: Path) -> None:
-    try:
-        next(stream)
-    except RuntimeError as exc:
-        stream.close()  # a no-op here: the stream belongs to the parent
-        report.write_text(str(exc))
-
-
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_stream_inherited_by_a_forked_child_refuses_clearly(tmp_path: Path) -> None:
     # The child has no thread taking the batches: waiting for one would hang.
-    report = tmp_path / "child.txt"
     stream = DictDataset({i: i for i in range(100)}).sync.batches(4)
     first, _ = next(stream)
     assert first == [0, 1, 2, 3]
-    child = multiprocessing.get_context("fork").Process(
-        target=_continue_in_child, args=(stream, report)
+    message = refusal_in_forked_child(
+        tmp_path, lambda: next(stream), stream.close, RuntimeError
     )
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0
-    assert "forked process" in report.read_text()
+    assert "forked process" in message
     assert [key for keys, _ in stream for key in keys] == list(range(4, 100))  # the parent's
