@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,3 +281,49 @@ async def test_read_only_folder_names_the_target_file(tmp_path: Path) -> None:
     assert f"cannot write {path}: no permission to create files in its folder" in str(info.value)
     assert ".tmp" not in str(info.value)
     assert leftovers(str(folder)) == []
+
+
+class _HeldParts(list):  # type: ignore[type-arg]
+    """Buffers whose slicing waits for ``release``: a write stays in flight."""
+
+    def __init__(self, items: list[bytes], entered: threading.Event, release: threading.Event):
+        super().__init__(items)
+        self.entered, self.release = entered, release
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.release.wait(10)
+        return list.__getitem__(self, index)
+
+
+def test_discard_waits_for_a_running_write_so_no_other_file_gets_its_bytes(tmp_path):
+    # A cancelled create discards its file while the worker thread may still
+    # write: closing the descriptor then would send those bytes to whichever
+    # file reuses the descriptor number.
+    from mlworkflow_async._store._writes import AtomicFile
+
+    sink = AtomicFile(str(tmp_path / "out.pkl"))
+    entered, release = threading.Event(), threading.Event()
+    writer = threading.Thread(
+        target=lambda: sink.write(_HeldParts([b"leaked!"], entered, release))
+    )
+    writer.start()
+    assert entered.wait(10)
+    discarder = threading.Thread(target=sink.discard)
+    discarder.start()
+    discarder.join(0.5)  # without the lock, discard closes the descriptor here
+    victim = tmp_path / "victim"
+    fd = os.open(victim, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        release.set()
+        writer.join(10)
+        discarder.join(10)
+        assert not writer.is_alive()
+        assert not discarder.is_alive()
+    finally:
+        os.close(fd)
+    assert victim.read_bytes() == b""
+    assert not (tmp_path / "out.pkl").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["victim"]
+    with pytest.raises(ValueError, match=r"out\.pkl"):
+        sink.write([b"late"])

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import secrets
+import threading
 from typing import Any, BinaryIO, Protocol
 
 __all__ = ["AtomicFile", "FileObject", "Sink"]
@@ -80,8 +81,18 @@ class AtomicFile:
                 raise _naming(exc, path) from exc
         self._open = True
         self._done = False
+        # A cancelled caller may discard while its worker thread still writes:
+        # the lock makes discard wait, so the descriptor is never closed (and
+        # reused by another file) under a running write.
+        self._lock = threading.RLock()
 
     def write(self, buffers: list[Any]) -> None:
+        with self._lock:
+            if not self._open:
+                raise ValueError(f"cannot write {self.name}: the write was discarded or committed")
+            self._write(buffers)
+
+    def _write(self, buffers: list[Any]) -> None:
         fd = self._fd
         try:
             for start in range(0, len(buffers), _IOV_MAX):
@@ -96,6 +107,10 @@ class AtomicFile:
             raise _naming(exc, self.name) from exc
 
     def commit(self) -> None:
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
         try:
             os.fsync(self._fd)
             self._open = False
@@ -114,6 +129,10 @@ class AtomicFile:
                 os.close(folder)
 
     def discard(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
         if not self._done:
             self._done = True
             if self._open:
