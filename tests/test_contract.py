@@ -80,6 +80,25 @@ async def test_a_dict_dataset_subclass_gives_one_answer_everywhere(tmp_path: Pat
     assert not ds.batched_queries  # its own query_item is what batches use
 
 
+class ShoutingMixin:
+    """A mixin's query_item, placed before DictDataset in the bases, must win too."""
+
+    async def query_item(self, key: int) -> str:
+        return (await super().query_item(key)).upper()  # type: ignore[misc]
+
+
+class MixedShouting(ShoutingMixin, DictDataset[int, str]):
+    pass
+
+
+async def test_a_mixin_query_item_gives_one_answer_everywhere(tmp_path: Path) -> None:
+    ds = MixedShouting(SEED)
+    keys = [3, 1, 4, 5]
+    for answer in await every_answer(ds, keys, tmp_path):
+        assert answer == [SEED[key].upper() for key in keys]
+    assert not ds.batched_queries
+
+
 def test_a_dict_dataset_subclass_gives_one_answer_in_the_blocking_view() -> None:
     ds = Shouting(SEED)
     keys = [0, 7, 8]

@@ -48,8 +48,9 @@ def _definer(cls: type, name: str) -> type:
     return next(klass for klass in cls.__mro__ if name in klass.__dict__)
 
 
-def _more_derived(a: type, b: type) -> bool:
-    return a is not b and issubclass(a, b)
+def _more_derived(cls: type, a: type, b: type) -> bool:
+    """Whether ``a`` comes before ``b`` in ``cls``'s MRO: a mixin counts, not just a subclass."""
+    return a is not b and cls.__mro__.index(a) < cls.__mro__.index(b)
 
 
 def _item_via_items(bulk: Callable[..., Awaitable[Sequence[Any]]]) -> Callable[..., Any]:
@@ -160,11 +161,11 @@ class Dataset(ABC, Generic[K, V]):
         )
         blocking = _definer(cls, "_blocking_items")
         if blocking is not Dataset and (
-            _more_derived(item, blocking) or _more_derived(items, blocking)
+            _more_derived(cls, item, blocking) or _more_derived(cls, items, blocking)
         ):
             # A subclass with fetches of its own is read through them, blocking too.
             cls._blocking_items = Dataset._blocking_items  # type: ignore[method-assign]
-        if item is not Dataset and _more_derived(item, items):
+        if item is not Dataset and _more_derived(cls, item, items):
             # query_item is the newest word on items: every bulk path follows it.
             if items is not Dataset:
                 cls.query_items = Dataset.query_items  # type: ignore[method-assign]
@@ -178,7 +179,7 @@ class Dataset(ABC, Generic[K, V]):
             cls.query_item = _item_via_items(  # type: ignore[method-assign]
                 cls.__dict__["query_items"]
             )
-        if batch is not Dataset and _more_derived(items, batch):
+        if batch is not Dataset and _more_derived(cls, items, batch):
             cls.query_batch = Dataset.query_batch  # type: ignore[method-assign]
         declared = inspect.getattr_static(cls, "batched_queries")
         if declared is False and item is not items:
