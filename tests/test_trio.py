@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,23 @@ def test_combinators_and_a_pickled_file_under_trio(tmp_path: Path) -> None:
     assert [cache[key] for key in keys] == list(items)
     assert list(items[:4]) == [1, -1, 7, -7]
     assert legacy == 2
+
+
+_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
+class Tagged(Slow):
+    """Items that tell which request the caller set in its context."""
+
+    async def query_item(self, key: int) -> Any:
+        await anyio.lowlevel.checkpoint()
+        return (key, _REQUEST.get())
+
+
+def test_fetches_under_trio_see_the_callers_contextvars() -> None:
+    async def main() -> list[Any]:
+        _REQUEST.set("req-7")
+        return [item async for _, batch in Tagged().batches(10, collate_fn=list) for item in batch]
+
+    items = run_trio(main)
+    assert items == [(key, "req-7") for key in range(100)]

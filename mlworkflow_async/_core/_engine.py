@@ -362,7 +362,12 @@ class Engine(Generic[K]):
             self._all_ended = new_event()
             self._running = self._n_workers
             for _ in range(self._n_workers):
-                trio.lowlevel.spawn_system_task(self._scoped, work)
+                # A system task starts in an empty context; the caller's
+                # contextvars (the stream's stats, the user's own) carry over
+                # as asyncio's create_task carries them.
+                trio.lowlevel.spawn_system_task(
+                    self._scoped, work, context=contextvars.copy_context()
+                )
 
     async def _scoped(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
