@@ -481,13 +481,3 @@ def test_files_with_the_first_footer_layout_still_read(tmp_path: Path, keys: str
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match="footer is damaged"):
         PickledDataset(path)
-
-
-@pytest.mark.parametrize("key", [frozenset({"a", "b"}), ("shard", frozenset({1, 2}))])
-def test_keys_holding_sets_are_refused_at_create(tmp_path: Path, key: Any) -> None:
-    # A frozenset pickles in its iteration order, which follows the hash seed:
-    # another process would look up bytes the file does not hold.
-    out = tmp_path / "sets.pkl"
-    with pytest.raises(TypeError, match="sorted tuple"):
-        asyncio.run(PickledDataset.create(DictDataset({key: 1}), out))
-    assert not out.exists()

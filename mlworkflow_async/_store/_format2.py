@@ -243,12 +243,6 @@ def spell_int_keys(values: Any) -> tuple[bytes, Any]:
     return out.tobytes(), bounds
 
 
-def _holds_a_set(key: Any) -> bool:
-    if isinstance(key, set | frozenset):
-        return True
-    return isinstance(key, tuple) and any(map(_holds_a_set, key))
-
-
 def key_bytes(key: Any) -> bytes:
     """The identity of a key on disk: its protocol 5 pickle, without memo or frame.
 
@@ -272,12 +266,6 @@ def key_bytes(key: Any) -> bytes:
             return spelled
         if isinstance(key, np.integer):
             return key_bytes(int(key))
-        if _holds_a_set(key):
-            raise TypeError(
-                f"key {key!r} holds a set or frozenset, whose pickle follows the hash "
-                f"seed of the process: equal keys would not find each other. Use a "
-                f"sorted tuple instead"
-            )
         out = io.BytesIO()
         pickler = pickle.Pickler(out, PROTOCOL)
         pickler.fast = True  # no memo: the bytes depend on values, not on identities
