@@ -264,3 +264,11 @@ async def test_a_state_saved_while_keys_streamed_resumes_once_they_are_known() -
     assert state["keys"]["count"] < 30
     rest = await run(ds, state)
     assert got + rest == full
+
+
+async def test_a_known_keys_state_still_refuses_grown_keys_in_plain_order() -> None:
+    # Only a state saved while keys streamed covers a prefix; a known-keys
+    # state counted every key, so one more key is a changed dataset.
+    _, state = await cut_at(Jittery(20), 2)
+    with pytest.raises(ResumeError, match="there were 20 keys, there are 21 now"):
+        await run(Jittery(21), state)

@@ -229,15 +229,20 @@ class KnownOrder(Generic[K]):
             self._fingerprint = {"count": len(self.keys), "fingerprint": fingerprint(self.keys)}
         return self._fingerprint
 
-    def check_keys(self, saved: Any) -> None:
-        """Raise :class:`ResumeError` unless ``saved`` (or None: nothing read) matches."""
+    def check_keys(self, saved: Any, handed_out: int) -> None:
+        """Raise :class:`ResumeError` unless ``saved`` (or None: nothing read) matches.
+
+        ``handed_out`` is the keys before the saved position: a state saved
+        while the keys streamed counts no more than those.
+        """
         if saved is None:
             return
         expected = self.fingerprint()
         count = saved.get("count") if isinstance(saved, dict) else None
         if (
             type(count) is int
-            and 0 <= count < len(self.keys)
+            and 0 <= count <= handed_out
+            and count < len(self.keys)
             and self._permute is None
             and self.world == 1
         ):

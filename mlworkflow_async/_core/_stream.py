@@ -145,7 +145,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         if self._resume is not None:
             start, done = spec.check(self._resume)
             if isinstance(order, KnownOrder):
-                order.check_keys(self._resume["keys"])
+                order.check_keys(self._resume["keys"], start * spec.batch_size)
             else:
                 await order.check_keys(self._resume["keys"])
         self._order = order
