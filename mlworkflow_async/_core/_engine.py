@@ -557,17 +557,17 @@ class Engine(Generic[K]):
                 stats.in_flight += 1
                 try:
                     item = await fetch(key)
+                except cancelled:
+                    raise
                 except BaseException as exc:
-                    stats.in_flight -= 1
-                    if isinstance(exc, cancelled):
-                        raise
                     add_key_note(exc, key, self._owner)
                     if not self._left_out(unit, offset, key, exc):
                         return
                 else:
-                    stats.in_flight -= 1
                     stats.fetched += 1
                     items[offset] = item
+                finally:
+                    stats.in_flight -= 1
                 unit.missing -= 1
                 if not unit.missing:
                     await self._seal(unit)
