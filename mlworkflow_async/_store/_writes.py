@@ -90,36 +90,30 @@ class AtomicFile:
         with self._lock:
             if not self._open:
                 raise ValueError(f"cannot write {self.name}: the write was discarded or committed")
-            self._write(buffers)
-
-    def _write(self, buffers: list[Any]) -> None:
-        fd = self._fd
-        try:
-            for start in range(0, len(buffers), _IOV_MAX):
-                part = buffers[start:start + _IOV_MAX]
-                expected = sum(map(len, part))
-                written = os.writev(fd, part)
-                while written < expected:  # short writes are rare but legal
-                    part = _remainder(part, written)
-                    expected -= written
+            fd = self._fd
+            try:
+                for start in range(0, len(buffers), _IOV_MAX):
+                    part = buffers[start:start + _IOV_MAX]
+                    expected = sum(map(len, part))
                     written = os.writev(fd, part)
-        except OSError as exc:  # e.g. the disk is full
-            raise _naming(exc, self.name) from exc
+                    while written < expected:  # short writes are rare but legal
+                        part = _remainder(part, written)
+                        expected -= written
+                        written = os.writev(fd, part)
+            except OSError as exc:  # e.g. the disk is full
+                raise _naming(exc, self.name) from exc
 
     def commit(self) -> None:
         with self._lock:
-            self._commit()
-
-    def _commit(self) -> None:
-        try:
-            os.fsync(self._fd)
-            self._open = False
-            os.close(self._fd)
-            os.replace(self.temporary, self.name)
-        except OSError as exc:
-            self.discard()
-            raise _naming(exc, self.name) from exc
-        self._done = True
+            try:
+                os.fsync(self._fd)
+                self._open = False
+                os.close(self._fd)
+                os.replace(self.temporary, self.name)
+            except OSError as exc:
+                self.discard()
+                raise _naming(exc, self.name) from exc
+            self._done = True
         # Make the rename itself durable; not every platform can open a folder.
         with contextlib.suppress(OSError):
             folder = os.open(os.path.dirname(os.path.abspath(self.name)), os.O_RDONLY)
@@ -130,17 +124,14 @@ class AtomicFile:
 
     def discard(self) -> None:
         with self._lock:
-            self._discard()
-
-    def _discard(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._open:
-                self._open = False
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temporary)
+            if not self._done:
+                self._done = True
+                if self._open:
+                    self._open = False
+                    with contextlib.suppress(OSError):
+                        os.close(self._fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.temporary)
 
 
 class FileObject:
