@@ -6,6 +6,7 @@ import asyncio
 import gc
 from typing import Any
 
+import anyio
 import pytest
 
 from mlworkflow_async import Dataset, DictDataset
@@ -326,3 +327,87 @@ async def test_hold_lets_more_wait_without_more_fetches_in_flight() -> None:
         assert most == 2
     finally:
         await engine.aclose()
+
+
+class Gated(Dataset[int, int]):
+    """Every fetch waits for ``gate``; keys come from an async generator held by
+    ``keys_gate`` when ``lazy``."""
+
+    def __init__(self, n: int, lazy: bool = False) -> None:
+        self.n = n
+        self.lazy = lazy
+        self.gate = asyncio.Event()
+        self.keys_gate = asyncio.Event()
+        self.fetched: list[int] = []
+
+    def yield_keys(self) -> Any:
+        if not self.lazy:
+            return list(range(self.n))
+
+        async def keys() -> Any:
+            await self.keys_gate.wait()
+            for key in range(self.n):
+                yield key
+
+        return keys()
+
+    async def query_item(self, key: int) -> int:
+        await self.gate.wait()
+        self.fetched.append(key)
+        return key
+
+
+async def test_a_second_task_waiting_on_the_same_stream_is_refused_and_the_first_goes_on() -> None:
+    ds = Gated(32)
+    stream = ds.batches(8)
+    with anyio.fail_after(10):
+        first = asyncio.create_task(anext(stream))
+        await anyio.wait_all_tasks_blocked()  # waiting for its batch, in the engine
+        with pytest.raises(RuntimeError, match="already running") as info:
+            await anext(stream)
+        assert "BatchStream of Gated" in str(info.value)
+        assert "one consumer" in str(info.value)
+        assert "lock" in str(info.value)
+        ds.gate.set()
+        assert (await first)[0] == list(range(8))
+        rest = [keys async for keys, _ in stream]
+    assert rest == [list(range(8, 16)), list(range(16, 24)), list(range(24, 32))]
+    assert sorted(ds.fetched) == list(range(32))  # each item fetched once
+
+
+async def test_a_second_task_is_refused_while_the_stream_waits_for_its_keys() -> None:
+    ds = Gated(20, lazy=True)
+    ds.gate.set()
+    stream = ds.batches(4, shuffle=1)  # shuffling first awaits every key
+    with anyio.fail_after(10):
+        first = asyncio.create_task(anext(stream))
+        await anyio.wait_all_tasks_blocked()  # preparing: waiting for the keys
+        with pytest.raises(RuntimeError, match="already running"):
+            await anext(stream)
+        ds.keys_gate.set()
+        got = [(await first)[0]] + [keys async for keys, _ in stream]
+    assert sorted(k for keys in got for k in keys) == list(range(20))
+    assert sorted(ds.fetched) == list(range(20))  # one engine: nothing fetched twice
+
+
+async def test_tasks_taking_turns_with_a_lock_get_distinct_batches_in_order() -> None:
+    ds = Gated(40)
+    ds.gate.set()
+    stream = ds.batches(4)
+    lock = anyio.Lock()
+    got: list[list[int]] = []
+
+    async def consume() -> None:
+        while True:
+            async with lock:
+                try:
+                    keys, _ = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                got.append(keys)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            tg.start_soon(consume)
+    assert got == [list(range(i, i + 4)) for i in range(0, 40, 4)]

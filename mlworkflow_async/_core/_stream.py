@@ -48,6 +48,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
     # handle (as leaving an ``async for`` does) runs __del__ and cancels them.
     __slots__ = (
         "_bar",
+        "_busy",
         "_collate",
         "_concurrency",
         "_dataset",
@@ -89,6 +90,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         self._stats = StreamStats()
         self._failures: list[Failure[K]] = []
         self._bar: Any = None
+        self._busy = False  # a task is inside __anext__
         if resume is not None:
             spec.check(resume)  # wrong arguments fail here, before anything runs
 
@@ -98,14 +100,26 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         return self
 
     async def __anext__(self) -> tuple[list[K], Any]:
-        engine = self._engine
-        if engine is None:
-            engine = await self._prepare()
+        if self._busy:
+            # The engine serves one consumer; a second one waiting with it
+            # would steal its wake-up (and a second _prepare, make a second engine).
+            raise RuntimeError(
+                f"anext(): {self!r} is already running: another task is waiting for its "
+                f"next batch. A stream hands each batch to one consumer: iterate it from "
+                f"one task (and pass batches on, e.g. through a memory object stream), or "
+                f"take turns with a lock (`async with lock: await anext(stream)`)"
+            )
+        self._busy = True
         try:
+            engine = self._engine
+            if engine is None:
+                engine = await self._prepare()
             unit = await engine.next_unit()
         except BaseException:
             self._close_bar()
             raise
+        finally:
+            self._busy = False
         keys = unit.kept_keys()
         bar = self._bar
         if bar is not None:
