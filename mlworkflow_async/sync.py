@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
+from ._core._dataset import bounded_items
 from ._core._handoff import Handoff
 from ._core._portal import allow_blocking_in_loop, call, ensure_blocking_allowed, get_portal
 from ._runner._blocking import SideRunner, SyncPrefetcher
@@ -242,9 +243,7 @@ class SyncView(Generic[K, V]):
             return served
 
         async def run() -> list[V]:
-            if dataset.batched_queries:
-                return await dataset.query_items(keys)
-            return await dataset.query_items(keys, concurrency)
+            return list(await bounded_items(dataset, keys, concurrency))
 
         return call(run)
 

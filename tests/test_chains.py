@@ -265,3 +265,96 @@ async def test_held_children_are_found_across_chunks_in_any_order() -> None:
         lookup = dict(zip(tail, expected, strict=True))
         assert await chain.query_items(order) == [lookup[key] for key in order]
     assert set(chain.augmented.values()) == {1}
+
+
+class Gauge(Dataset[int, int]):
+    """Records the most fetches in flight at once.
+
+    Each fetch waits until ``bound`` fetches are in flight together (once):
+    so every fetch the library starts at once is in flight at once, and a
+    chain that starts more than ``bound`` shows it in ``most``.
+    """
+
+    def __init__(self, n: int, bound: int) -> None:
+        self.n = n
+        self.bound = bound
+        self.in_flight = 0
+        self.most = 0
+        self.full: anyio.Event | None = None
+
+    def yield_keys(self) -> list[int]:
+        return list(range(self.n))
+
+    async def query_item(self, key: int) -> int:
+        if self.full is None:
+            self.full = anyio.Event()
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            if self.in_flight >= self.bound:
+                self.full.set()
+            with anyio.fail_after(10):
+                await self.full.wait()
+            return key
+        finally:
+            self.in_flight -= 1
+
+
+class Copies(AugmentedDataset[Any, Any]):
+    def augment(self, root_key: Any, root_item: Any) -> Iterator[tuple[Any, Any]]:
+        yield (root_key, 0), root_item
+        yield (root_key, 1), root_item
+
+
+def chains(gauge: Gauge) -> list[Dataset[Any, Any]]:
+    return [
+        TransformedDataset(gauge, [add_one]),
+        TransformedDataset(FilteredDataset(CachedDataset(gauge), even), [add_one]),
+        Subset(TransformedDataset(gauge, [add_one]), range(0, 32, 3)),
+    ]
+
+
+@pytest.mark.parametrize("chain", range(3))
+@pytest.mark.parametrize("concurrency", [2, 3])
+async def test_the_concurrency_of_batches_bounds_the_fetches_down_a_chain(
+    chain: int, concurrency: int
+) -> None:
+    gauge = Gauge(32, concurrency)
+    ds = chains(gauge)[chain]
+    with anyio.fail_after(20):
+        got = [k async for keys, _ in ds.batches(8, concurrency=concurrency) for k in keys]
+    assert got == await ds.keys.all()
+    assert gauge.most == concurrency
+
+
+@pytest.mark.parametrize("chain", range(3))
+async def test_the_concurrency_of_query_bounds_the_fetches_down_a_chain(chain: int) -> None:
+    gauge = Gauge(32, 3)
+    ds = chains(gauge)[chain]
+    keys = await ds.keys.all()
+    with anyio.fail_after(20):
+        assert (await ds.query(keys, concurrency=3)).tolist() == [k + 1 for k in keys]
+        assert await ds.query_items(keys, concurrency=3) == [k + 1 for k in keys]
+    assert gauge.most == 3
+
+
+async def test_the_concurrency_of_a_query_bounds_the_roots_an_augmented_dataset_fetches() -> None:
+    gauge = Gauge(16, 2)
+    ds = TransformedDataset(Copies(gauge), [add_one])
+    keys = [(root, copy) for root in range(16) for copy in (0, 1)]
+    with anyio.fail_after(20):
+        assert await ds.query_items(keys, concurrency=2) == [root + 1 for root, _ in keys]
+    assert gauge.most == 2
+
+
+@pytest.mark.parametrize("chain", range(3))
+def test_the_concurrency_of_the_blocking_view_bounds_the_fetches_down_a_chain(
+    chain: int,
+) -> None:
+    gauge = Gauge(32, 3)
+    ds = chains(gauge)[chain]
+    keys = ds.sync.keys.all()
+    assert ds.sync.query_items(keys, concurrency=3) == [k + 1 for k in keys]
+    assert ds.sync.query(keys, concurrency=3).tolist() == [k + 1 for k in keys]
+    assert [k for ks, _ in ds.sync.batches(8, concurrency=3) for k in ks] == keys
+    assert gauge.most == 3

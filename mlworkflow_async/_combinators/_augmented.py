@@ -180,14 +180,17 @@ class AugmentedDataset(Derived[K, V]):
             self._note(exc, root_key)
             raise
 
-    async def _load_roots(self, root_keys: list[Any]) -> list[list[tuple[K, V]]]:
-        """Fetch roots in one parent call and augment them: the one path to children.
+    async def _load_roots(
+        self, root_keys: list[Any], concurrency: int | None = None
+    ) -> list[list[tuple[K, V]]]:
+        """Fetch roots in one parent call (at most ``concurrency`` fetches at once)
+        and augment them: the one path to children.
 
         Returns each root's pairs as made; callers index them as they need
         (one mapping of every child for key discovery, one per root for
         queries), which also checks that child keys are unique.
         """
-        items = await self._parent_items(root_keys)
+        items = await self._parent_items(root_keys, concurrency)
         pool = self._pool
         if pool is not None and not (self._async_augment and pool.in_threads):
             made = await self._augment_in_pool(pool, root_keys, items)
@@ -207,9 +210,11 @@ class AugmentedDataset(Derived[K, V]):
                     break
         return made
 
-    async def _load_root_groups(self, root_keys: list[Any]) -> list[dict[K, V]]:
+    async def _load_root_groups(
+        self, root_keys: list[Any], concurrency: int | None = None
+    ) -> list[dict[K, V]]:
         """The children of each root, by child key: what queries look up."""
-        made = await self._load_roots(root_keys)
+        made = await self._load_roots(root_keys, concurrency)
         return [self._children(k, pairs) for k, pairs in zip(root_keys, made, strict=True)]
 
     def _augment_all(self, root_keys: list[Any], items: list[Any]) -> list[list[tuple[K, V]]]:
@@ -349,20 +354,23 @@ class AugmentedDataset(Derived[K, V]):
             return found
         values: list[Any] = list(map(self._discovered.get, keys))
         missing = [index for index, value in enumerate(values) if value is MISSING]
-        queried = await self._query_roots([keys[index] for index in missing])
+        queried = await self._query_roots([keys[index] for index in missing], concurrency)
         for index, value in zip(missing, queried, strict=True):
             values[index] = value
         return values
 
-    async def _query_roots(self, keys: list[K]) -> list[V]:
-        """The children ``keys``, from their roots (held, in flight, or loaded in one call)."""
+    async def _query_roots(self, keys: list[K], concurrency: int | None = None) -> list[V]:
+        """The children ``keys``, from their roots (held, in flight, or loaded in one call,
+        at most ``concurrency`` fetches at once)."""
         if self._default_root_key:
             root_keys = list(map(itemgetter(0), keys))  # type: ignore[arg-type]
         else:
             root_keys = list(map(self.root_key, keys))
         unique = list(dict.fromkeys(root_keys))
-        groups = dict(zip(unique, await self._roots.load_many(unique, self._load_root_groups),
-                          strict=True))
+        loaded = await self._roots.load_many(
+            unique, lambda roots: self._load_root_groups(roots, concurrency)
+        )
+        groups = dict(zip(unique, loaded, strict=True))
         try:
             return [groups[root_key][key] for key, root_key in zip(keys, root_keys, strict=True)]
         except KeyError:

@@ -6,7 +6,7 @@ from collections.abc import Hashable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .._core._dataset import Dataset
+from .._core._dataset import Dataset, bounded_items
 from .._core._executors import WorkerPool
 from .._core._keys import KeySequence
 from ..exceptions import ItemCountError
@@ -68,10 +68,9 @@ class Derived(Dataset[K, V]):
     async def _parent_items(self, keys: list[Any], concurrency: int | None = None) -> list[Any]:
         """The parent's items of ``keys``, fetched the parent's way; one per key, checked."""
         parent = self.parent
-        if parent.batched_queries:
-            items = list(await parent.query_items(keys))
-        else:
-            items = await parent.query_items(keys, concurrency)
+        items = await bounded_items(parent, keys, concurrency)
+        if type(items) is not list:
+            items = list(items)
         ItemCountError.check(parent, items, keys)
         return items
 

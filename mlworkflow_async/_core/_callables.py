@@ -33,6 +33,27 @@ def positional_arity(f: Callable[..., Any]) -> int | None:
     return count
 
 
+def takes_keyword(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` can be called with the keyword argument ``name``."""
+    function = getattr(method, "__func__", method)
+    try:
+        return _takes_keyword(function, name)
+    except TypeError:  # an unhashable callable: not cached
+        return _takes_keyword.__wrapped__(function, name)
+
+
+@functools.cache
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    found = parameters.get(name)
+    if found is not None:
+        return found.kind in (found.POSITIONAL_OR_KEYWORD, found.KEYWORD_ONLY)
+    return any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def describe(f: object) -> str:
     """A short human name for a callable, for error messages."""
     return getattr(f, "__qualname__", None) or repr(f)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from ..exceptions import ItemCountError
+from ._callables import takes_keyword
 from ._collate import Collate, collate_batch, make_collate
 from ._engine import Engine, OnError, map_ordered
 from ._keys import KeySequence
@@ -63,6 +64,36 @@ def _item_via_items(bulk: Callable[..., Awaitable[Sequence[Any]]]) -> Callable[.
 
     query_item.__doc__ = "Fetch the item of ``key`` (one key of :meth:`query_items`)."
     return query_item
+
+
+async def bounded_items(
+    dataset: Dataset[Any, Any], keys: Sequence[Any], concurrency: int | None
+) -> Sequence[Any]:
+    """``dataset.query_items(keys)``, at most ``concurrency`` fetches at once where it
+    takes that bound: a backend's own ``query_items`` may take keys only."""
+    if concurrency is not None and takes_keyword(dataset.query_items, "concurrency"):
+        return await dataset.query_items(keys, concurrency=concurrency)
+    return await dataset.query_items(keys)
+
+
+def bounded_batch(
+    dataset: Dataset[Any, Any], collate: Collate, concurrency: int | None
+) -> Callable[[Sequence[Any]], Awaitable[Any]]:
+    """What fetches and collates each batch of keys of ``dataset``: its
+    ``query_batch``, at most ``concurrency`` fetches at once in the default one
+    (a backend's own reads a batch its way, and takes no such bound)."""
+    if concurrency is None or type(dataset).query_batch is not Dataset.query_batch:
+        return lambda keys: dataset.query_batch(keys, collate)
+    return lambda keys: _collated(dataset, keys, collate, concurrency)
+
+
+async def _collated(
+    dataset: Dataset[Any, Any], keys: Sequence[Any], collate: Collate, concurrency: int | None
+) -> Any:
+    keys = list(keys)
+    items = list(await bounded_items(dataset, keys, concurrency))
+    ItemCountError.check(dataset, items, keys)
+    return await collate_batch(items, collate)
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -271,14 +302,12 @@ class Dataset(ABC, Generic[K, V]):
     async def query_batch(self, keys: Sequence[K], collate: Collate) -> Any:
         """Fetch ``keys`` and collate them: what :meth:`batches` calls per batch of a bulk backend.
 
-        The default collates :meth:`query_items`; large arrays are collated in a
-        worker thread. A backend may build the batch itself, for instance
-        when ``collate`` is :data:`~mlworkflow_async._core._collate.DEFAULT_COLLATE`.
+        The default collates :meth:`query_items` (given the ``concurrency`` of
+        the stream or the query); large arrays are collated in a worker
+        thread. A backend may build the batch itself, for instance when
+        ``collate`` is :data:`~mlworkflow_async._core._collate.DEFAULT_COLLATE`.
         """
-        keys = list(keys)
-        items = list(await self.query_items(keys))
-        ItemCountError.check(self, items, keys)
-        return await collate_batch(items, collate)
+        return await _collated(self, keys, collate, None)
 
     async def query(
         self,
@@ -297,8 +326,8 @@ class Dataset(ABC, Generic[K, V]):
         collate = make_collate(collate_fn, wrapper)
         keys = list(keys)
         if self.batched_queries:
-            return await self.query_batch(keys, collate)
-        return await collate_batch(await self.query_items(keys, concurrency), collate)
+            return await bounded_batch(self, collate, concurrency)(keys)
+        return await collate_batch(list(await bounded_items(self, keys, concurrency)), collate)
 
     def batches(
         self,
@@ -416,7 +445,7 @@ class Dataset(ABC, Generic[K, V]):
         if self.batched_queries:
 
             async def fetch_unit(unit: list[K]) -> list[V]:
-                items = list(await self.query_items(unit))
+                items = list(await bounded_items(self, unit, concurrency))
                 ItemCountError.check(self, items, unit)
                 return items
 

@@ -163,11 +163,14 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
             else:
                 await order.check_keys(self._resume["keys"])
         self._order = order
+        from ._dataset import bounded_batch  # the module that imports this one
+
         bulk = dataset.batched_queries
         collate = self._collate
-
-        async def fetch_unit(keys: list[K]) -> Any:
-            return await dataset.query_batch(keys, collate)
+        # Each batch's fetches stay within the stream's bound: with
+        # concurrency // batch_size batches in flight (one at least), the
+        # stream's concurrency per batch bounds them all.
+        fetch_unit = bounded_batch(dataset, collate, self._concurrency)
 
         async def finish(items: list[Any]) -> Any:
             from ._collate import collate_batch
