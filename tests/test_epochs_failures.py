@@ -7,9 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from mlworkflow_async import Dataset, DictDataset
+from mlworkflow_async import AugmentedDataset, Dataset, DictDataset, FilteredDataset
 from mlworkflow_async.exceptions import TooManyFailuresError
 
 
@@ -183,3 +184,100 @@ async def test_progress_without_tqdm_says_how_to_get_it(monkeypatch: pytest.Monk
     stream = Broken(5).batches(2, progress=True)
     with pytest.warns(UserWarning, match=r"pip install 'mlworkflow-async\[tqdm\]'"):
         assert [keys async for keys, _ in stream] == [[0, 1], [2, 3], [4]]
+
+
+def odd_but_not_5(key: int) -> bool:
+    if key == 5:
+        raise ValueError("cannot judge key 5")
+    return key % 2 == 1
+
+
+async def odd_but_not_5_async(key: int) -> bool:
+    await anyio.lowlevel.checkpoint()
+    return odd_but_not_5(key)
+
+
+class Halves(AugmentedDataset[tuple[int, int], int]):
+    """Two children per root; root 3 cannot be augmented."""
+
+    def augment(self, root_key: int, root_item: int) -> Any:
+        if root_key == 3:
+            raise ValueError("cannot augment root 3")
+        yield (root_key, 0), root_item
+        yield (root_key, 1), root_item + 1
+
+
+def discovering(kind: str) -> Dataset[Any, Any]:
+    parent = DictDataset({i: i * 10 for i in range(20)})
+    if kind == "augment":
+        return Halves(parent)
+    if kind == "pairs":
+        return FilteredDataset(parent, lambda key, item: odd_but_not_5(key))
+    return FilteredDataset(parent, odd_but_not_5_async if kind == "async" else odd_but_not_5)
+
+
+def expected(kind: str) -> tuple[list[Any], int]:
+    """The keys a skipping stream hands out, and the key it records as failed."""
+    if kind == "augment":
+        return [(r, c) for r in range(20) if r != 3 for c in (0, 1)], 3
+    return [k for k in range(20) if k % 2 == 1 and k != 5], 5
+
+
+KINDS = ["keys", "async", "pairs", "augment"]
+
+
+@pytest.mark.parametrize("options", [{}, {"shuffle": 2}, {"ordered": False}], ids=repr)
+@pytest.mark.parametrize("kind", KINDS)
+async def test_skip_leaves_out_a_key_whose_discovery_fails(
+    kind: str, options: dict[str, Any]
+) -> None:
+    ds = discovering(kind)
+    stream = ds.batches(3, on_error="skip", **options)
+    with anyio.fail_after(10):
+        got = [key async for keys, _ in stream for key in keys]
+    keys, bad = expected(kind)
+    assert sorted(got) == keys
+    assert [f.key for f in stream.failures] == [bad]
+    assert isinstance(stream.failures[0].exception, ValueError)
+    assert f"cannot {'augment root' if kind == 'augment' else 'judge key'} {bad}" in str(
+        stream.failures[0].exception
+    )
+    assert stream.stats.failed == 1
+    assert stream.stats.items == len(keys)
+    assert await ds.keys.all() == keys  # left out of the memoized keys for good
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_raise_stops_at_a_key_whose_discovery_fails_and_names_it(kind: str) -> None:
+    stream = discovering(kind).batches(3)
+    with pytest.raises(ValueError, match="cannot") as info:
+        async for _ in stream:
+            pass
+    _, bad = expected(kind)
+    assert any(f"key {bad}" in note for note in info.value.__notes__)
+
+
+async def test_discovery_failures_count_towards_max_failures() -> None:
+    parent = DictDataset({i: i for i in range(40)})
+    ds = FilteredDataset(parent, lambda key: bool(1 // (key % 10)))  # 0, 10, 20, 30 fail
+    stream = ds.batches(4, on_error="skip", max_failures=2)
+    with pytest.raises(TooManyFailuresError, match="3 of "):
+        async for _ in stream:
+            pass
+
+
+def test_the_blocking_view_skips_a_key_whose_discovery_fails() -> None:
+    stream = discovering("augment").sync.batches(4, on_error="skip")
+    assert sorted(key for keys, _ in stream for key in keys) == expected("augment")[0]
+    assert [f.key for f in stream.failures] == [3]
+
+
+def test_skipping_a_key_whose_discovery_fails_under_trio() -> None:
+    pytest.importorskip("trio")
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        stream = discovering("keys").batches(3, on_error="skip")
+        got = [key async for keys, _ in stream for key in keys]
+        return got, [f.key for f in stream.failures]
+
+    assert anyio.run(main, backend="trio") == (expected("keys")[0], [5])

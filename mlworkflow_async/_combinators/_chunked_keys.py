@@ -31,6 +31,7 @@ from collections.abc import (
 from itertools import filterfalse, takewhile
 from typing import Any, Generic, TypeVar, cast
 
+from .._core._engine import current_reader
 from .._core._keys import KeySequence
 from .._core._portal import new_event
 from ._memo import MISSING, _Missing
@@ -119,13 +120,46 @@ class DerivedKeyChunks(AsyncIterator[list[K]]):
             )
             if not parent_chunk:
                 raise StopAsyncIteration
-            derived = await self._derive(parent_chunk)
+            try:
+                derived = await self._derive(parent_chunk)
+            except Exception as exc:
+                reader = current_reader.get()
+                if reader is None or reader.skip is None:
+                    raise
+                derived = await self._derive_each(parent_chunk, reader.skip, exc)
             # Advance only once the chunk is fully derived: an interrupted
             # chunk is derived again rather than lost.
             self._start += len(parent_chunk)
             self._size = min(2 * self._size, self._largest)
             if derived:
                 return derived
+
+
+    async def _derive_each(
+        self,
+        parent_chunk: Sequence[Any],
+        skip: Callable[[Any, Exception], None],
+        error: Exception,
+    ) -> list[K]:
+        """Derive ``parent_chunk`` key by key, after it failed as a whole for a
+        stream that skips failures: the keys that fail alone are left out, and
+        recorded by ``skip`` once the chunk is derived.
+
+        Raises ``error`` when every key derives alone: the chunk failed as a
+        whole (two roots making one child key), which skipping cannot mend.
+        """
+        derived: list[K] = []
+        failed: list[tuple[Any, Exception]] = []
+        for key in parent_chunk:
+            try:
+                derived.extend(await self._derive([key]))
+            except Exception as exc:
+                failed.append((key, exc))
+        if not failed:
+            raise error
+        for key, cause in failed:
+            skip(key, cause)
+        return derived
 
 
 async def flatten_chunks(chunks: AsyncIterator[list[K]]) -> AsyncIterator[K]:

@@ -46,7 +46,15 @@ from ..exceptions import TooManyFailuresError
 from ._order import KnownOrder, StreamedOrder
 from ._portal import EventLike, new_event, running_loop_library
 
-__all__ = ["Engine", "Failure", "StreamStats", "add_key_note", "map_ordered"]
+__all__ = [
+    "Engine",
+    "Failure",
+    "KeyReader",
+    "StreamStats",
+    "add_key_note",
+    "current_reader",
+    "map_ordered",
+]
 
 K = TypeVar("K")
 A = TypeVar("A")
@@ -68,6 +76,26 @@ current_stats: contextvars.ContextVar[StreamStats | None] = contextvars.ContextV
 )
 
 
+@dataclass(frozen=True)
+class KeyReader:
+    """The stream for which keys are being discovered, and what discovery follows there.
+
+    ``concurrency`` bounds the parent items that discovery fetches (a pair
+    predicate's, an augmented root's); ``skip``, when the stream skips
+    failures, records a parent key whose discovery failed, which is then
+    left out instead of raising.
+    """
+
+    concurrency: int
+    skip: Callable[[Any, Exception], None] | None = None
+
+
+#: The stream whose worker (or whose preparation) is discovering keys now.
+current_reader: contextvars.ContextVar[KeyReader | None] = contextvars.ContextVar(
+    "mlworkflow_async_key_reader", default=None
+)
+
+
 def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
     """Record on ``exc`` which key was being processed, once."""
     if getattr(exc, "_mlworkflow_async_key_noted", False):
@@ -79,7 +107,11 @@ def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
 
 @dataclass
 class Failure(Generic[K]):
-    """An item left out of its batch by ``on_error="skip"``: its key and what it raised."""
+    """An item left out of its batch by ``on_error="skip"``: its key and what it raised.
+
+    For a key whose discovery failed, ``key`` is the parent's key that a
+    predicate or ``augment()`` raised for.
+    """
 
     key: K
     exception: BaseException
@@ -188,9 +220,14 @@ class Engine(Generic[K]):
         self._max_failures = max_failures
         self._drop_incomplete = drop_incomplete
         self.stats = stats if stats is not None else StreamStats()
-        # Only a stream's engine counts retries; an inner one (a combinator
-        # fetching its parent) leaves them to the stream it works for.
+        # Only a stream's engine counts retries and is the reader of the keys
+        # it discovers; an inner one (a combinator fetching its parent)
+        # leaves both to the stream it works for.
         self._counts_retries = stats is not None
+        self._reader = (
+            KeyReader(concurrency, self.skip_key if self._skip else None)
+            if stats is not None else None
+        )
         self.failures: list[Failure[K]] = []
         size = order.batch_size
         self._size = size
@@ -382,6 +419,7 @@ class Engine(Generic[K]):
 
     async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
         token = current_stats.set(self.stats) if self._counts_retries else None
+        reading = current_reader.set(self._reader) if self._reader is not None else None
         try:
             await work()
         except self._cancelled:
@@ -391,6 +429,8 @@ class Engine(Generic[K]):
         finally:
             if token is not None:
                 current_stats.reset(token)
+            if reading is not None:
+                current_reader.reset(reading)
 
     def _fail(self, unit: int, exc: BaseException) -> None:
         if self._error is None or unit < self._error[0]:
@@ -603,6 +643,12 @@ class Engine(Generic[K]):
         self.failures.append(Failure(key, exc))
         unit.left_out.append(offset)
         return not self._too_many_failures(final=False)
+
+    def skip_key(self, key: Any, exc: BaseException) -> None:
+        """Record a key whose discovery failed, left out of the keys: counted as a failed item."""
+        self.stats.failed += 1
+        self.failures.append(Failure(key, exc))
+        self._too_many_failures(final=False)
 
     def _too_many_failures(self, final: bool) -> bool:
         """Past ``max_failures``: stop with one error summarising the failures."""

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._collate import Collate
-from ._engine import Engine, Failure, OnError, StreamStats
+from ._engine import Engine, Failure, KeyReader, OnError, StreamStats, current_reader
 from ._keys import KeySequence
 from ._order import KnownOrder, StreamedOrder, StreamSpec
 
@@ -128,6 +128,28 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         return keys, unit.batch
 
     async def _prepare(self) -> Engine[K]:
+        # Keys discovered here (all of them, to shuffle) are read for this
+        # stream, as its workers read the others: within its bound on
+        # fetches, skipping failures if it does.
+        early: list[Failure[Any]] = []
+        reading = current_reader.set(KeyReader(
+            self._concurrency,
+            (lambda key, exc: early.append(Failure(key, exc)))
+            if self._on_error == "skip" else None,
+        ))
+        try:
+            order, start, done = await self._order_keys()
+        finally:
+            current_reader.reset(reading)
+        engine = self._engine = self._new_engine(order, start, done)
+        for failure in early:
+            engine.skip_key(failure.key, failure.exception)
+        return engine
+
+    async def _order_keys(
+        self,
+    ) -> tuple[KnownOrder[K] | StreamedOrder[K], int, frozenset[int]]:
+        """The order of the stream's keys, and where it starts (resuming)."""
         spec = self._spec
         dataset = self._dataset
         source = self._keys
@@ -163,8 +185,15 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
             else:
                 await order.check_keys(self._resume["keys"])
         self._order = order
+        return order, start, done
+
+    def _new_engine(
+        self, order: KnownOrder[K] | StreamedOrder[K], start: int, done: frozenset[int]
+    ) -> Engine[K]:
         from ._dataset import bounded_batch  # the module that imports this one
 
+        spec = self._spec
+        dataset = self._dataset
         bulk = dataset.batched_queries
         collate = self._collate
         # Each batch's fetches stay within the stream's bound: with
@@ -177,7 +206,7 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
 
             return await collate_batch(items, collate)
 
-        engine = self._engine = Engine(
+        engine = Engine(
             order,
             owner=dataset,
             concurrency=self._concurrency,
