@@ -358,3 +358,20 @@ def test_the_concurrency_of_the_blocking_view_bounds_the_fetches_down_a_chain(
     assert ds.sync.query(keys, concurrency=3).tolist() == [k + 1 for k in keys]
     assert [k for ks, _ in ds.sync.batches(8, concurrency=3) for k in ks] == keys
     assert gauge.most == 3
+
+
+@pytest.mark.parametrize("options", [{}, {"shuffle": 1}], ids=repr)
+@pytest.mark.parametrize("kind", ["augment", "pairs"])
+async def test_the_concurrency_of_batches_bounds_what_key_discovery_fetches(
+    kind: str, options: dict[str, Any]
+) -> None:
+    gauge = Gauge(40, 2)
+    ds: Dataset[Any, Any] = (
+        Copies(gauge) if kind == "augment"
+        else FilteredDataset(gauge, lambda key, item: item % 2 == 0)
+    )
+    with anyio.fail_after(20):
+        got = [k async for keys, _ in ds.batches(4, concurrency=2, **options) for k in keys]
+    assert sorted(got) == sorted(await ds.keys.all())
+    assert len(got) == (80 if kind == "augment" else 20)
+    assert gauge.most == 2

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 from .._core._callables import is_async_callable
 from .._core._dataset import Dataset
-from .._core._engine import map_ordered
+from .._core._engine import map_ordered, reader_concurrency
 from .._core._executors import WorkerPool, worker_pool
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
@@ -281,17 +281,18 @@ class AugmentedDataset(Derived[K, V]):
 
     async def _children_keys(self, root_keys: Sequence[Any]) -> list[K]:
         root_keys = list(root_keys)
+        concurrency = reader_concurrency()  # a stream's bound holds for its discovery too
         if self._roots_checked and self._pool is None and not self._async_augment:
             # The hot path of discovery (benchmark W1): every root's generator
             # drained into one list in one C-level pass, with no list per root.
-            items = await self._parent_items(root_keys)
+            items = await self._parent_items(root_keys, concurrency)
             pairs = self._augment_flat(root_keys, items)
             children: dict[K, V] = dict(pairs)
             if len(children) != len(pairs):
                 # To name the roots, augment them again one by one (errors only).
                 self._shared_child(root_keys, self._augment_all(root_keys, items))
         else:
-            made = await self._load_roots(root_keys)
+            made = await self._load_roots(root_keys, concurrency)
             children = dict(chain.from_iterable(made))
             if len(children) != sum(map(len, made)):
                 self._shared_child(root_keys, made)

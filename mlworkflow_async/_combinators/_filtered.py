@@ -13,7 +13,7 @@ import numpy as np
 
 from .._core._callables import describe, is_async_callable, positional_arity
 from .._core._dataset import Dataset
-from .._core._engine import add_key_note, map_ordered
+from .._core._engine import add_key_note, map_ordered, reader_concurrency
 from .._core._executors import worker_pool
 from .._core._keys import KeySequence
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
@@ -225,7 +225,8 @@ class FilteredDataset(Derived[K, V]):
         return kept
 
     async def _vet_pairs(self, keys: Sequence[K]) -> list[K]:
-        items = await self._parent_items(list(keys))
+        # Within the bound of the stream discovering the keys, if one is.
+        items = await self._parent_items(list(keys), reader_concurrency())
         verdicts = await self._judge(keys, items)
         kept = list(compress(keys, verdicts))
         if self.buffer_size:

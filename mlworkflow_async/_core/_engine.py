@@ -54,6 +54,7 @@ __all__ = [
     "add_key_note",
     "current_reader",
     "map_ordered",
+    "reader_concurrency",
 ]
 
 K = TypeVar("K")
@@ -94,6 +95,12 @@ class KeyReader:
 current_reader: contextvars.ContextVar[KeyReader | None] = contextvars.ContextVar(
     "mlworkflow_async_key_reader", default=None
 )
+
+
+def reader_concurrency() -> int | None:
+    """The bound on fetches of the stream discovering keys now; None outside one."""
+    reader = current_reader.get()
+    return None if reader is None else reader.concurrency
 
 
 def add_key_note(exc: BaseException, key: object, dataset: object) -> None:
