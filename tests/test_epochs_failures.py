@@ -281,3 +281,57 @@ def test_skipping_a_key_whose_discovery_fails_under_trio() -> None:
         return got, [f.key for f in stream.failures]
 
     assert anyio.run(main, backend="trio") == (expected("keys")[0], [5])
+
+
+class Counted(Broken):
+    """:class:`Broken`, recording every key read."""
+
+    def __init__(self, n: int, bad: Iterable[int] = ()) -> None:
+        super().__init__(n, bad)
+        self.read: list[int] = []
+
+    async def query_item(self, key: int) -> int:
+        self.read.append(key)
+        return await super().query_item(key)
+
+
+def no_empty_batch(items: list[int]) -> list[int]:
+    assert items, "collate_fn called with no item"
+    return items
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("bulk", [False, True])
+async def test_skip_drops_a_batch_whose_items_all_failed(ordered: bool, bulk: bool) -> None:
+    bad = {4, 5, 6, 7, 16, 17}
+    ds = BulkBroken(20, bad) if bulk else Broken(20, bad)
+    stream = ds.batches(4, on_error="skip", ordered=ordered, collate_fn=no_empty_batch)
+    got = {tuple(keys): batch async for keys, batch in stream}
+    assert sorted(got) == [(0, 1, 2, 3), (8, 9, 10, 11), (12, 13, 14, 15), (18, 19)]
+    assert got[(18, 19)] == [180, 190]
+    assert sorted(f.key for f in stream.failures) == sorted(bad)
+    assert (stream.stats.batches, stream.stats.items, stream.stats.failed) == (4, 14, 6)
+
+
+async def test_skip_drops_a_last_batch_whose_items_all_failed() -> None:
+    stream = Broken(10, bad={8, 9}).batches(4, on_error="skip")
+    assert [keys async for keys, _ in stream] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_dropped_batch_resumes_exactly(ordered: bool) -> None:
+    bad = {4, 5, 6, 7}
+    options: dict[str, Any] = {"on_error": "skip", "ordered": ordered}
+    full = [keys async for keys, _ in Counted(20, bad).batches(4, **options)]
+    assert sorted(full) == [[0, 1, 2, 3], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    for count in range(len(full) + 1):
+        first = Counted(20, bad)
+        stream = first.batches(4, concurrency=4, **options)
+        got = [(await anext(stream))[0] for _ in range(count)]
+        state = stream.state_dict()
+        await stream.aclose()
+        again = Counted(20, bad)
+        rest = [keys async for keys, _ in again.batches(4, resume=state, **options)]
+        assert sorted(got + rest) == sorted(full)  # nothing lost, nothing twice
+        if ordered and count >= 2:
+            assert not bad & set(again.read)  # resumed past the dropped batch

@@ -367,7 +367,8 @@ class Dataset(ABC, Generic[K, V]):
         - ``resume=stream.state_dict()``: continue a stream exactly where it
           was, in this process or another, without reading anything twice.
         - ``on_error="skip"``: an item that raises is left out of its batch
-          and recorded in ``stream.failures``, and so is a key whose
+          (a batch left with no item is dropped) and recorded in
+          ``stream.failures``, and so is a key whose
           discovery raises (a predicate or an ``augment()`` failing for it),
           which is then left out of the dataset's keys; ``max_failures`` (a
           count, or a fraction of the items seen) makes the stream raise past it.

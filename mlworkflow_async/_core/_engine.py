@@ -20,7 +20,8 @@ in memory and what a saved state holds. Units are handed out in order
 (``ordered=True``) or as they complete. On a failure the engine either
 stops (``on_error="raise"``: every unit before the failing one is still
 handed out, then its exception, with a note naming the key) or leaves the
-item out of its unit and records it (``on_error="skip"``).
+item out of its unit and records it (``on_error="skip"``); a unit whose items
+all failed is dropped, its place counted as handed out.
 
 Workers are tasks of their own rather than children of a task group, so
 that a plain ``async for`` over a stream can stop at any point and drop it:
@@ -293,9 +294,11 @@ class Engine(Generic[K]):
         while True:
             unit = self._ready_unit()
             if unit is not None:
+                if not self._hand_out(unit):
+                    continue  # every item failed: nothing to hand out
                 if waited_from is not None:
                     self.stats.head_wait += time.perf_counter() - waited_from
-                return self._hand_out(unit)
+                return unit
             error = self._error
             if error is not None and (not self._ordered or error[0] <= self._head):
                 await self.aclose()
@@ -319,7 +322,8 @@ class Engine(Generic[K]):
         """
         taken = []
         while not self._closed and (unit := self._ready_unit()) is not None:
-            taken.append(self._hand_out(unit))
+            if self._hand_out(unit):
+                taken.append(unit)
         return taken
 
     def hold(self, items: int) -> None:
@@ -344,7 +348,9 @@ class Engine(Generic[K]):
                 return unit
         return None
 
-    def _hand_out(self, unit: Unit[K]) -> Unit[K]:
+    def _hand_out(self, unit: Unit[K]) -> bool:
+        """Take ``unit`` off the stream; False when it is empty, to drop (its
+        place counts as handed out, so that a saved state skips it)."""
         index = unit.index
         del self._units[index]
         if index == self._head:
@@ -352,12 +358,15 @@ class Engine(Generic[K]):
         else:
             self._done.add(index)
         self._update_room()
-        stats = self.stats
-        stats.batches += 1
-        stats.items += len(unit.keys) - len(unit.left_out)
         if self._room_waiters:
             self._room_waiters.popleft().set()
-        return unit
+        kept = len(unit.keys) - len(unit.left_out)
+        if not kept:
+            return False
+        stats = self.stats
+        stats.batches += 1
+        stats.items += kept
+        return True
 
     def _skip_done(self, index: int) -> int:
         done = self._done
@@ -631,7 +640,10 @@ class Engine(Generic[K]):
                 self._filled = offset + 1
 
     async def _seal(self, unit: Unit[K]) -> None:
-        """Turn the items of a complete unit into its batch."""
+        """Turn the items of a complete unit into its batch (none when they all failed)."""
+        if len(unit.left_out) == len(unit.keys):
+            self._wake(unit)  # dropped when handed out
+            return
         try:
             unit.batch = await self._finish(unit.kept_items())
         except self._cancelled:
