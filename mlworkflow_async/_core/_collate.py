@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -17,7 +18,17 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import numpy as np
 
-__all__ = ["DEFAULT_COLLATE", "Collate", "batchify", "chunkify", "collate_batch", "make_collate"]
+from ._callables import describe
+
+__all__ = [
+    "DEFAULT_COLLATE",
+    "Collate",
+    "batchify",
+    "chunkify",
+    "collate_batch",
+    "make_collate",
+    "name_batch",
+]
 
 T = TypeVar("T")
 Wrapper = Callable[[list[Any]], Any]
@@ -155,6 +166,7 @@ def make_collate(collate_fn: Collate | None, wrapper: Any) -> Collate:
     def collate(items: list[Any]) -> Any:
         return batchify(items, wrapper)
 
+    collate.__qualname__ = f"batchify (wrapper={describe(wrapper)})"  # for error notes
     return collate
 
 
@@ -171,7 +183,33 @@ def _array_bytes(item: Any) -> int:
 
 
 async def collate_batch(items: list[Any], collate: Collate) -> Any:
-    """``collate(items)``, in a worker thread when the items hold large arrays."""
-    if items and _array_bytes(items[0]) * len(items) > OFF_LOOP_BYTES:
-        return await anyio.to_thread.run_sync(collate, items)
-    return collate(items)
+    """``collate(items)``, in a worker thread when the items hold large arrays.
+
+    What ``collate`` raises is marked for :func:`name_batch`, which a caller
+    knowing the batch's keys calls (a backend's ``query_batch`` does not).
+    """
+    try:
+        if items and _array_bytes(items[0]) * len(items) > OFF_LOOP_BYTES:
+            return await anyio.to_thread.run_sync(collate, items)
+        return collate(items)
+    except Exception as exc:
+        with contextlib.suppress(AttributeError, TypeError):
+            exc._mlworkflow_async_collate = collate  # type: ignore[attr-defined]
+        raise
+
+
+#: Keys of a batch named in full in an error's note; more are counted.
+_KEYS_NAMED = 5
+
+
+def name_batch(exc: BaseException, keys: Sequence[Any]) -> None:
+    """Note on ``exc``, if a ``collate`` of :func:`collate_batch` raised it, the batch's
+    keys and the collate_fn, once. The exception itself is left as it is."""
+    collate = getattr(exc, "_mlworkflow_async_collate", None)
+    if collate is None:
+        return
+    del exc._mlworkflow_async_collate  # type: ignore[attr-defined]
+    shown = ", ".join(map(repr, keys[:_KEYS_NAMED]))
+    more = f", ...] ({len(keys)} keys)" if len(keys) > _KEYS_NAMED else "]"
+    name = "batchify (the default)" if collate is DEFAULT_COLLATE else describe(collate)
+    exc.add_note(f"while collating the batch of keys [{shown}{more} with collate_fn {name}")

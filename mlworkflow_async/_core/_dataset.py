@@ -27,7 +27,7 @@ import numpy as np
 
 from ..exceptions import ItemCountError
 from ._callables import takes_keyword
-from ._collate import Collate, collate_batch, make_collate
+from ._collate import Collate, collate_batch, make_collate, name_batch
 from ._engine import Engine, OnError, map_ordered
 from ._keys import KeySequence
 from ._order import KnownOrder, StreamedOrder, StreamSpec
@@ -82,9 +82,17 @@ def bounded_batch(
     """What fetches and collates each batch of keys of ``dataset``: its
     ``query_batch``, at most ``concurrency`` fetches at once in the default one
     (a backend's own reads a batch its way, and takes no such bound)."""
-    if concurrency is None or type(dataset).query_batch is not Dataset.query_batch:
-        return lambda keys: dataset.query_batch(keys, collate)
-    return lambda keys: _collated(dataset, keys, collate, concurrency)
+    if concurrency is not None and type(dataset).query_batch is Dataset.query_batch:
+        return lambda keys: _collated(dataset, keys, collate, concurrency)
+    return lambda keys: _own_batch(dataset, keys, collate)
+
+
+async def _own_batch(dataset: Dataset[Any, Any], keys: Sequence[Any], collate: Collate) -> Any:
+    try:
+        return await dataset.query_batch(keys, collate)
+    except Exception as exc:
+        name_batch(exc, keys)
+        raise
 
 
 async def _collated(
@@ -93,7 +101,11 @@ async def _collated(
     keys = list(keys)
     items = list(await bounded_items(dataset, keys, concurrency))
     ItemCountError.check(dataset, items, keys)
-    return await collate_batch(items, collate)
+    try:
+        return await collate_batch(items, collate)
+    except Exception as exc:
+        name_batch(exc, keys)
+        raise
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -327,7 +339,7 @@ class Dataset(ABC, Generic[K, V]):
         keys = list(keys)
         if self.batched_queries:
             return await bounded_batch(self, collate, concurrency)(keys)
-        return await collate_batch(list(await bounded_items(self, keys, concurrency)), collate)
+        return await _collated(self, keys, collate, concurrency)
 
     def batches(
         self,

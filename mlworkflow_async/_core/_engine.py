@@ -184,10 +184,11 @@ class Unit(Generic[K]):
         return [item for i, item in enumerate(self.items) if i not in gone]
 
 
-Finish = Callable[[list[Any]], Awaitable[Any]]
+#: Turns a unit's keys and items (those kept) into its batch.
+Finish = Callable[[list[Any], list[Any]], Awaitable[Any]]
 
 
-async def _as_list(items: list[Any]) -> list[Any]:
+async def _as_list(keys: list[Any], items: list[Any]) -> list[Any]:
     return items
 
 
@@ -645,7 +646,7 @@ class Engine(Generic[K]):
             self._wake(unit)  # dropped when handed out
             return
         try:
-            unit.batch = await self._finish(unit.kept_items())
+            unit.batch = await self._finish(unit.kept_keys(), unit.kept_items())
         except self._cancelled:
             raise
         except BaseException as exc:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._collate import Collate
+from ._collate import Collate, collate_batch, name_batch
 from ._engine import Engine, Failure, KeyReader, OnError, StreamStats, current_reader
 from ._keys import KeySequence
 from ._order import KnownOrder, StreamedOrder, StreamSpec
@@ -201,10 +201,12 @@ class BatchStream(AsyncIterator[tuple[list[K], Any]], Generic[K]):
         # stream's concurrency per batch bounds them all.
         fetch_unit = bounded_batch(dataset, collate, self._concurrency)
 
-        async def finish(items: list[Any]) -> Any:
-            from ._collate import collate_batch
-
-            return await collate_batch(items, collate)
+        async def finish(keys: list[K], items: list[Any]) -> Any:
+            try:
+                return await collate_batch(items, collate)
+            except Exception as exc:
+                name_batch(exc, keys)
+                raise
 
         engine = Engine(
             order,
