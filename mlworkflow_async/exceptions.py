@@ -13,6 +13,7 @@ resembles, so ``except OSError`` or ``except RuntimeError`` keep working::
     ├── WorkerDiedError (RuntimeError)
     │   └── WorkerLostError
     ├── ResumeError (ValueError)
+    ├── UnhashableKeyError (TypeError)
     ├── UnpicklableItemError (TypeError)
     ├── UnpicklableSourceError (TypeError)
     └── PickledFileError (OSError)
@@ -31,7 +32,7 @@ naming the key that was being processed is added to them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "RunnerClosedError",
     "SyncInLoopError",
     "TooManyFailuresError",
+    "UnhashableKeyError",
     "UnpicklableItemError",
     "UnpicklableSourceError",
     "UnsupportedBackendError",
@@ -148,6 +150,34 @@ class ResumeError(MlworkflowAsyncError, ValueError):
     The message names the argument that differs, or says that the keys
     changed since the state was saved.
     """
+
+
+class UnhashableKeyError(MlworkflowAsyncError, TypeError):
+    """A dataset that looks keys up (a cache, a filter, a subset) was given a key
+    that cannot be hashed, such as a list.
+
+    Keys must be hashable: a tuple instead of a list, say. The message names
+    the key and the dataset.
+    """
+
+    @classmethod
+    def check(cls, owner: object, keys: Iterable[Any]) -> None:
+        """Raise for the first of ``keys`` that cannot be hashed; nothing if all can.
+
+        Called after a ``TypeError``, which is re-raised as it is when every
+        key hashes: the cost is paid on that failure only.
+        """
+        for key in keys:
+            try:
+                hash(key)
+            except TypeError as exc:
+                reason = str(exc)
+            else:
+                continue
+            raise cls(
+                f"key {key!r:.200} given to {type(owner).__name__} cannot be hashed "
+                f"({reason}): keys must be hashable, e.g. a tuple instead of a list"
+            )
 
 
 class UnpicklableItemError(MlworkflowAsyncError, TypeError):

@@ -13,7 +13,9 @@ from mlworkflow_async import (
     CachedDataset,
     Dataset,
     DictDataset,
+    FilteredDataset,
     Subset,
+    UnhashableKeyError,
 )
 
 SEED = {i: i * 10 for i in range(6)}
@@ -168,3 +170,68 @@ def test_blocking_keys_all_returns_a_new_list_too() -> None:
     keys = ds.sync.keys.all()
     random.Random(0).shuffle(keys)
     assert ds.sync.keys.all() == list(SEED)
+
+
+class Copies(AugmentedDataset[Any, Any]):
+    def augment(self, root_key: Any, root_item: Any) -> Any:
+        yield (root_key, 0), root_item
+
+
+UNHASHABLE_KEYS = {
+    "CachedDataset": lambda: CachedDataset(DictDataset(SEED)),
+    "FilteredDataset": lambda: FilteredDataset(DictDataset(SEED), lambda key: True),
+    "FilteredDataset ": lambda: FilteredDataset(DictDataset(SEED), lambda key, item: True),
+    "Subset": lambda: Subset(DictDataset(SEED), [1, 2]),
+    "Copies": lambda: Copies(DictDataset(SEED)),
+    "DictDataset": lambda: DictDataset(SEED),
+}
+
+
+def check_unhashable(error: pytest.ExceptionInfo[UnhashableKeyError], name: str) -> None:
+    assert isinstance(error.value, TypeError)
+    message = str(error.value)
+    assert f"key [1, 0] given to {name.strip()} cannot be hashed" in message
+    assert "unhashable type: 'list'" in message
+    assert "keys must be hashable, e.g. a tuple instead of a list" in message
+
+
+@pytest.mark.parametrize("name", list(UNHASHABLE_KEYS))
+async def test_an_unhashable_key_is_named_with_its_dataset(name: str) -> None:
+    ds = UNHASHABLE_KEYS[name]()
+    await ds.keys.all()  # discovery done: the lookups that fail are the queries'
+    with pytest.raises(UnhashableKeyError) as info:
+        await ds.query_item([1, 0])
+    check_unhashable(info, name)
+    with pytest.raises(UnhashableKeyError) as info:
+        await ds.query_items([[1, 0], [2, 0]])
+    check_unhashable(info, name)
+    with pytest.raises(UnhashableKeyError) as info:
+        await ds.query([[1, 0]], concurrency=2)
+    check_unhashable(info, name)
+
+
+@pytest.mark.parametrize("name", list(UNHASHABLE_KEYS))
+def test_an_unhashable_key_is_named_by_the_blocking_view(name: str) -> None:
+    ds = UNHASHABLE_KEYS[name]()
+    with pytest.raises(UnhashableKeyError) as info:
+        ds.sync.query_item([1, 0])
+    check_unhashable(info, name)
+    with pytest.raises(UnhashableKeyError) as info:
+        ds.sync.query_items([[1, 0]])
+    check_unhashable(info, name)
+
+
+def test_an_unhashable_key_given_to_a_subset_is_named() -> None:
+    with pytest.raises(UnhashableKeyError) as info:
+        Subset(DictDataset(SEED), [1, [1, 0]])
+    check_unhashable(info, "Subset")
+
+
+async def test_other_type_errors_with_hashable_keys_stay_as_they_are() -> None:
+    def judge(key: int) -> bool:
+        raise TypeError("the predicate's own mistake")
+
+    ds = CachedDataset(FilteredDataset(DictDataset(SEED), judge))
+    with pytest.raises(TypeError, match="the predicate's own mistake") as info:
+        await ds.query_items([1, 2])
+    assert type(info.value) is TypeError

@@ -14,6 +14,7 @@ from .._core._dataset import Dataset
 from .._core._engine import map_ordered, reader_concurrency
 from .._core._executors import WorkerPool, worker_pool
 from .._core._keys import KeySequence
+from ..exceptions import UnhashableKeyError
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
 from ._memo import MISSING, Memo
@@ -339,7 +340,11 @@ class AugmentedDataset(Derived[K, V]):
         of ``query_item`` over freshly derived keys spends most of its time here
         (benchmark W1, key by key).
         """
-        value = self._discovered.newest.get(key, MISSING)
+        try:
+            value = self._discovered.newest.get(key, MISSING)
+        except TypeError:
+            UnhashableKeyError.check(self, (key,))
+            raise
         if value is MISSING:
             value = self._discovered.get(key)
             if value is MISSING:
@@ -350,7 +355,11 @@ class AugmentedDataset(Derived[K, V]):
         self, keys: Sequence[K], concurrency: int | None = None
     ) -> list[V]:
         keys = list(keys)
-        found = self._discovered.get_all(keys)
+        try:
+            found = self._discovered.get_all(keys)
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise
         if found is not None:
             return found
         values: list[Any] = list(map(self._discovered.get, keys))

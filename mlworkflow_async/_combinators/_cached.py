@@ -7,6 +7,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .._core._dataset import Dataset
+from ..exceptions import UnhashableKeyError
 from ._derived import SameKeys
 from ._memo import Memo
 
@@ -63,9 +64,14 @@ class CachedDataset(SameKeys[K, V]):
     async def query_items(
         self, keys: Sequence[K], concurrency: int | None = None
     ) -> list[V]:
-        return await self._memo.load_many(
-            list(keys), lambda missing: self._parent_items(missing, concurrency)
-        )
+        keys = list(keys)
+        try:
+            return await self._memo.load_many(
+                keys, lambda missing: self._parent_items(missing, concurrency)
+            )
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise
 
     async def fill(self, concurrency: int = 64) -> CachedDataset[K, V]:
         """Load every item (at most ``concurrency`` fetches at once); returns ``self``.

@@ -16,6 +16,7 @@ from .._core._dataset import Dataset
 from .._core._engine import add_key_note, map_ordered, reader_concurrency
 from .._core._executors import worker_pool
 from .._core._keys import KeySequence
+from ..exceptions import UnhashableKeyError
 from ._chunked_keys import ChunkedKeySequence, DerivedKeyChunks, Discovered, flatten_chunks
 from ._derived import Derived
 from ._memo import MISSING
@@ -186,8 +187,12 @@ class FilteredDataset(Derived[K, V]):
     def _unvetted(self, keys: list[K]) -> list[K]:
         """The keys that key discovery has not accepted lately: those to judge."""
         vetted = self._vetted
-        if all(map(vetted.__contains__, keys)):
-            return []
+        try:
+            if all(map(vetted.__contains__, keys)):
+                return []
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise
         return [key for key in keys if key not in vetted]
 
     def _refuse_rejected(self, keys: list[K], verdicts: list[bool]) -> None:
@@ -248,7 +253,11 @@ class FilteredDataset(Derived[K, V]):
             return await self._from_parent(keys, concurrency)
         pending = self._pending
         before = len(pending)
-        results: list[Any] = pending.pop_many(keys)
+        try:
+            results: list[Any] = pending.pop_many(keys)
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise
         if before - len(pending) < len(keys):
             missing = [index for index, value in enumerate(results) if value is MISSING]
             fetch = [keys[i] for i in missing]
@@ -280,6 +289,9 @@ class FilteredDataset(Derived[K, V]):
             return await self._parent_items(keys, concurrency)
         except KeyError as exc:
             self._note_missing(exc, keys)
+            raise
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
             raise
 
     def _note_missing(self, exc: KeyError, keys: list[K]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TypeVar
 
+from ..exceptions import UnhashableKeyError
 from ._dataset import Dataset
 
 __all__ = ["DictDataset"]
@@ -40,6 +41,9 @@ class DictDataset(Dataset[K, V]):
             return self.dic[key]
         except KeyError:
             raise KeyError(f"{key!r} is not a key of this DictDataset") from None
+        except TypeError:
+            UnhashableKeyError.check(self, (key,))
+            raise
 
     async def query_items(
         self, keys: Sequence[K], concurrency: int | None = None
@@ -56,3 +60,6 @@ class DictDataset(Dataset[K, V]):
             return [dic[key] for key in keys]
         except KeyError as exc:
             raise KeyError(f"{exc.args[0]!r} is not a key of this DictDataset") from None
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise

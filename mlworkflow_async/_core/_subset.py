@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Hashable, Iterable, Sequence, Set
 from typing import TypeVar
 
 from .._combinators._derived import Derived
+from ..exceptions import UnhashableKeyError
 from ._dataset import Dataset
 
 __all__ = ["Subset"]
@@ -33,7 +34,11 @@ class Subset(Derived[K, V]):
     def __init__(self, parent: Dataset[K, V], keys: Iterable[K]) -> None:
         self.parent = parent
         self._subset_keys = tuple(keys)
-        self._members = frozenset(self._subset_keys)
+        try:
+            self._members = frozenset(self._subset_keys)
+        except TypeError:
+            UnhashableKeyError.check(self, self._subset_keys)
+            raise
 
     def yield_keys(self) -> tuple[K, ...] | AsyncIterator[K]:
         parent_keys = self.parent.keys
@@ -60,14 +65,22 @@ class Subset(Derived[K, V]):
         if key not in self._members:
             raise KeyError(f"{key!r} is not one of the keys of this Subset")
 
+    def _check_all(self, keys: Sequence[K]) -> None:
+        try:
+            for key in keys:
+                self._check(key)
+        except TypeError:
+            UnhashableKeyError.check(self, keys)
+            raise
+
     async def query_items(
         self, keys: Sequence[K], concurrency: int | None = None
     ) -> list[V]:
-        for key in keys:
-            self._check(key)
-        return await self._parent_items(list(keys), concurrency)
+        keys = list(keys)
+        self._check_all(keys)
+        return await self._parent_items(keys, concurrency)
 
     def _blocking_items(self, keys: Sequence[K]) -> list[V] | None:
-        for key in keys:
-            self._check(key)
-        return self.parent._blocking_items(list(keys))
+        keys = list(keys)
+        self._check_all(keys)
+        return self.parent._blocking_items(keys)
