@@ -192,6 +192,13 @@ class Index2:
     ``region`` is any buffer holding the bytes of the index region from
     offset ``base`` (a map of the file's tail, whose start must be aligned;
     slicing an ``mmap`` or ``bytes`` gives ``bytes``, quick to compare).
+
+    ``guard``, when the region is a map, raises
+    :class:`~mlworkflow_async.exceptions.CorruptFileError` if the file
+    shrank under it: touching a map past the end of its file kills the
+    process (SIGBUS). The methods that read much of the region whole
+    (:meth:`keys`, :attr:`context`, :meth:`key_of`, :meth:`check_all`) call
+    it first; the lookups leave it to their caller, once per batch.
     """
 
     version = VERSION2
@@ -203,8 +210,10 @@ class Index2:
         region: Any,
         loads: Callable[..., Any],
         base: int = 0,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self._guard = guard
         self.footer = footer
         self.csum = footer.csum
         self.item_count = footer.item_count
@@ -247,6 +256,11 @@ class Index2:
 
     # -- checks ---------------------------------------------------------------
 
+    def guard(self) -> None:
+        """Raise ``CorruptFileError`` if the mapped file is now shorter than its index says."""
+        if self._guard is not None:
+            self._guard()
+
     def check(self, start: int, length: int) -> None:
         """Check the blocks holding ``length`` bytes from ``start`` of the region, once each."""
         verified, shift = self._verified, self._shift
@@ -272,6 +286,7 @@ class Index2:
 
     def check_all(self) -> None:
         """Check every block, and that the keys of a :data:`KEYS_RANGE` file are that range."""
+        self.guard()
         self.check(0, self.footer.blocks)
         self._lazy = False
         f, first = self.footer, self._first
@@ -469,6 +484,7 @@ class Index2:
             return self._first + number
         f = self.footer
         at = f.key_offsets + number * f.width
+        self.guard()
         if self._lazy:
             self.check(at, 2 * f.width)
         a, b = self._pair.unpack_from(self._region, at)
@@ -486,6 +502,7 @@ class Index2:
         f = self.footer
         if self._first is not None:
             return list(range(self._first, self._first + f.item_count))
+        self.guard()
         self.check(f.key_offsets, f.keys + f.keys_length - f.key_offsets)
         ends = np.frombuffer(
             self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"
@@ -506,6 +523,7 @@ class Index2:
     def context(self) -> dict[str, Any] | None:
         if not self._context_loaded:
             f = self.footer
+            self.guard()
             self.check(f.context, f.blocks - f.context)
             try:
                 context = self._loads(self._region[f.context:f.blocks])

@@ -79,9 +79,11 @@ class _Entries:
         self._index = index
 
     def __getitem__(self, key: Any) -> tuple[Any, ...]:
+        self._index.guard()
         return self._index.locate(key)[:4]
 
     def __contains__(self, key: Any) -> bool:
+        self._index.guard()
         try:
             self._index.locate(key)
         except KeyError:
@@ -90,7 +92,9 @@ class _Entries:
 
     def items(self) -> list[tuple[Any, tuple[Any, ...]]]:
         index = self._index
-        return [(key, index.entry(n)[:4]) for n, key in enumerate(index.keys())]
+        keys = index.keys()
+        index.guard()
+        return [(key, index.entry(n)[:4]) for n, key in enumerate(keys)]
 
 
 class Reader2(_reads.FileReader):
@@ -129,7 +133,8 @@ class Reader2(_reads.FileReader):
             length = footer.index_offset + footer.region_length - base
             self._index_map = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
             self.index = Index2(
-                path, footer, self._index_map, self._loads, footer.index_offset - base
+                path, footer, self._index_map, self._loads, footer.index_offset - base,
+                guard=self.check_size,
             )
             self._handle = _reads._Handle(fd, use_mmap)
         except BaseException:
@@ -161,15 +166,31 @@ class Reader2(_reads.FileReader):
         """Refuse to touch the mapped index of a file that shrank since it was opened.
 
         Touching a map past the end of its file kills the process (SIGBUS);
-        one ``fstat`` per batch rules that out unless the file shrinks
-        during the batch, which replacing files atomically never does.
+        one ``fstat`` per batch (and per read of the keys or the context)
+        rules that out unless the file shrinks during the read, which
+        replacing files atomically never does.
         """
-        handle = self._handle
-        if not handle.closed and os.fstat(handle.fd).st_size < self.size:
+        size = self._current_size()
+        if size is not None and size < self.size:
             raise corrupt(
                 self.path, "it is shorter than when it was opened: its items now extend "
                 "past the end of the file (was it truncated after being opened?)"
             )
+
+    def _current_size(self) -> int | None:
+        """The size of the open file now; None if it cannot be told (the map is then safe)."""
+        handle: _reads._Handle | None = getattr(self, "_handle", None)
+        if handle is None:  # still opening: the size was just read
+            return None
+        if not handle.closed:
+            return os.fstat(handle.fd).st_size
+        # Closed, while the map of the index lives on: the file is the one at the
+        # path if that is still the same inode; else only the map holds it.
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_size if (info.st_dev, info.st_ino) == self.identity else None
 
     def _begin(
         self, keys: Sequence[Any]
@@ -315,7 +336,9 @@ class Reader2(_reads.FileReader):
             raise item_error(self.path, key, exc) from exc
 
     def _map_buffer(self, handle: _reads._Handle, key: object, start: int, size: int) -> Any:
-        if start + size > self.size:
+        # The file's size now, not at open: a map past the end would SIGBUS when
+        # hashed or touched (one fstat per array of 1 MiB or more).
+        if start + size > min(self.size, os.fstat(handle.fd).st_size):
             raise self._past_end(key)
         if handle.view is not None:
             assert handle.map is not None
@@ -401,10 +424,8 @@ class Reader2(_reads.FileReader):
         fd = self._handle.fd
         chunk = 8 << 20
         for number in range(len(self.index)):
-            try:
-                offset, span, _, _, crc = self.index.entry(number)
-            except Exception:
-                raise
+            self.check_size()  # the index is mapped: a file shrinking meanwhile would SIGBUS
+            offset, span, _, _, crc = self.index.entry(number)
             value = 0
             done = 0
             while done < span:
