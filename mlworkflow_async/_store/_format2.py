@@ -47,9 +47,15 @@ Index region, from the end of the last item, parts back to back
     7. key bytes: each key pickled with protocol 5 and without memo
        (:func:`key_bytes`), one after the other, in file order.
     8. context: a pickle of the dataset's metadata dict (or of ``None``).
-    9. block checksums: the checksum (u32) of every 4096-byte block of
-       parts 1 to 8 (the last block may be shorter), so that a reader
-       checks only the blocks it touches.
+    9. unmapped checksums, only in a file of footer flag 2: one u32 per
+       entry, in file order. For an item holding a buffer of 1 MiB or more
+       (a *mapped* buffer, see above), the checksum of the bytes of its span
+       outside its mapped buffers, in order: its pickle, padding and smaller
+       buffers. 0 for the other items. A reader that does not hash mapped
+       arrays still checks the rest of their items with it.
+    10. block checksums: the checksum (u32) of every 4096-byte block of
+        parts 1 to 9 (the last block may be shorter), so that a reader
+        checks only the blocks it touches.
 
 Footer, the last 160 bytes
     a copy of the 64-byte header, then index offset, count, table length,
@@ -70,8 +76,13 @@ Footer flags
     1 (``KEYS_RANGE``): the keys are the ints ``first, first + 1, ...,
     first + count - 1`` in file order, all within 32 bits (a dataset of
     indices, or a shard of one). The key parts are written as for any file,
-    but readers need not read them: key ``k`` is entry ``k - first``. Other
-    bits are refused as written by a newer version.
+    but readers need not read them: key ``k`` is entry ``k - first``.
+
+    2 (``UNMAPPED_SUMS``): part 9 is present. Set when an item holds a
+    mapped buffer; files written before this flag, and by versions that
+    refuse it, have no part 9.
+
+    Other bits are refused as written by a newer version.
 
 Opening reads the header and footer, then maps (or reads, for a remote
 file) the index region: nothing is built per key. A lookup pickles the key,
@@ -109,8 +120,10 @@ __all__ = [
     "FOOTER_SIZE",
     "HEADER2",
     "KEYS_RANGE",
+    "KNOWN_FLAGS",
     "MAP_THRESHOLD",
     "PAGE",
+    "UNMAPPED_SUMS",
     "VERSION2",
     "Encoder2",
     "footer_at",
@@ -138,6 +151,9 @@ MAP_THRESHOLD = 1 << 20
 BLOCK = 4096
 #: Footer flag: the keys are ``first, first + 1, ...`` in file order (see above).
 KEYS_RANGE = 1
+#: Footer flag: the file holds the checksums of the bytes around mapped buffers (part 9).
+UNMAPPED_SUMS = 2
+KNOWN_FLAGS = KEYS_RANGE | UNMAPPED_SUMS
 TAG_SHIFT = 30
 LOW = (1 << TAG_SHIFT) - 1
 NONE, ONE_SMALL, ONE_PAGE, EXTENDED = 0, 1, 2, 3
@@ -356,6 +372,9 @@ class Encoder2:
         self._key_total = 0
         self._ext: list[int] = []
         self._rows: list[int] = []
+        # Item number: checksum of its span outside its mapped buffers (part 9),
+        # for the items holding one (each at least 1 MiB: few).
+        self._unmapped: dict[int, int] = {}
         # Whether the keys so far are ``first, first + 1, ...`` (see KEYS_RANGE).
         self._ranged = True
         self._first_key = 0
@@ -430,9 +449,12 @@ class Encoder2:
         if not large:
             sums = [csum(view[a:b]) for a, b in itertools.pairwise(starts)]
         else:
-            sums = [
-                self._span_sum(view, large, starts, chunk.marks.get(i), i) for i in range(n)
-            ]
+            sums = []
+            for i in range(n):
+                whole, unmapped = self._span_sums(view, large, starts, chunk.marks.get(i), i)
+                sums.append(whole)
+                if unmapped is not None:
+                    self._unmapped[self.count + i] = unmapped
         bounds = np.asarray(starts, dtype=np.int64)
         offsets = bounds[:-1] + base
         for after, extra in chunk.jumps:  # large buffers, outside blob, push what follows
@@ -485,24 +507,33 @@ class Encoder2:
         self._key_bytes.write(key_blob)
         self.count += n
 
-    def _span_sum(
+    def _span_sums(
         self,
         view: memoryview,
         large: list[tuple[int, memoryview]],
         starts: list[int],
         marks: tuple[int, int] | None,
         item: int,
-    ) -> int:
-        """The checksum of an item's span: its bytes in the chunk, with its large buffers."""
+    ) -> tuple[int, int | None]:
+        """The checksums of an item's span (its bytes in the chunk, with its large buffers)
+        and, if it holds mapped buffers, of the span without them (else None)."""
         csum = self.csum
         if marks is None:
-            return csum(view[starts[item]:starts[item + 1]])
-        value = 0
+            return csum(view[starts[item]:starts[item + 1]]), None
+        value = rest = 0
+        mapped = False
         done = starts[item]
         for at, raw in large[marks[0]:marks[1]]:
-            value = csum(raw, csum(view[done:at], value))
+            piece = view[done:at]
+            value = csum(raw, csum(piece, value))
+            rest = csum(piece, rest)
+            if raw.nbytes >= MAP_THRESHOLD:
+                mapped = True
+            else:  # copied by readers, so checked with the rest
+                rest = csum(raw, rest)
             done = at
-        return csum(view[done:starts[item + 1]], value)
+        tail = view[done:starts[item + 1]]
+        return csum(tail, value), csum(tail, rest) if mapped else None
 
     def _key_parts(self, keys: Sequence[Any]) -> tuple[bytes, Any]:
         """The pickled bytes of ``keys`` (see :func:`key_bytes`), joined, and their bounds."""
@@ -679,14 +710,20 @@ class Encoder2:
         emit([np.asarray(self._ext, "<u8").tobytes(), np.asarray(self._rows, "<u8").tobytes()])
         stream(self._key_bytes)
         emit([context_blob])
+        flags = KEYS_RANGE if self._ranged and n > 0 else 0
+        if self._unmapped:
+            unmapped = np.zeros(n, "<u4")
+            unmapped[list(self._unmapped)] = list(self._unmapped.values())
+            emit([unmapped])
+            flags |= UNMAPPED_SUMS
+            del unmapped
         self.close()
         blocks = hasher.finish()
         write([blocks])
-        ranged = self._ranged and n > 0
         footer = header2(self.algorithm) + FOOTER.pack(
             self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
-            self._key_total, len(context_blob), self._first_key if ranged else 0,
-            KEYS_RANGE if ranged else 0, csum(blocks), width, BLOCK, 0, END_MAGIC,
+            self._key_total, len(context_blob), self._first_key if flags & KEYS_RANGE else 0,
+            flags, csum(blocks), width, BLOCK, 0, END_MAGIC,
         )
         head = footer[:_FOOTER_SPAN]
         write([head + struct.pack("<I", csum(head)) + END_MAGIC])

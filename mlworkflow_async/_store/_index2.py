@@ -39,9 +39,11 @@ from ._format2 import (
     FOOTER_SIZE,
     HEADER2,
     KEYS_RANGE,
+    KNOWN_FLAGS,
     LOW,
     PAGE,
     TAG_SHIFT,
+    UNMAPPED_SUMS,
     VERSION2,
     capacity,
     footer_at,
@@ -62,6 +64,7 @@ _MASK32 = 0xFFFFFFFF
 _ENTRY_AND_NEXT = struct.Struct("<QIIQ")
 _ROW = struct.Struct("<QQ")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 class Footer(NamedTuple):
@@ -92,6 +95,8 @@ class Footer(NamedTuple):
     rows: int
     keys: int
     context: int
+    #: Where part 9 (the checksums outside mapped buffers) starts; None if absent.
+    unmapped: int | None
     blocks: int
     block_count: int
     region_length: int
@@ -151,7 +156,7 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
      first, footer_flags, blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):
         raise corrupt(name, f"its footer is malformed (width {width}, block {block})")
-    if footer_flags & ~KEYS_RANGE:
+    if footer_flags & ~KNOWN_FLAGS:
         raise UnsupportedVersionError(
             f"{name} sets footer flags this version does not know ({footer_flags:#x}): it "
             f"was written by a newer version of mlworkflow-async", name
@@ -167,7 +172,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     rows = ext + 24 * ext_count
     keys = rows + 16 * row_count
     context = keys + keys_length
-    blocks = context + context_length
+    unmapped = context + context_length
+    blocks = unmapped + (4 * count if footer_flags & UNMAPPED_SUMS else 0)
     block_count = -(-blocks // block)
     region_length = blocks + 4 * block_count
     if (
@@ -182,7 +188,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     return Footer(
         algorithm, csum, index_offset, count, table_length, ext_count, row_count,
         keys_length, context_length, first, blocks_crc, width, block, key_offsets, table,
-        prints, ext, rows, keys, context, blocks, block_count, region_length,
+        prints, ext, rows, keys, context, unmapped if footer_flags & UNMAPPED_SUMS else None,
+        blocks, block_count, region_length,
     )
 
 
@@ -444,6 +451,42 @@ class Index2:
             return offset, span, low, ((start - offset, span),), crc
         return self._extended(number, offset, span, low, crc)
 
+    @property
+    def keeps_unmapped(self) -> bool:
+        """Whether the file keeps the checksums of items outside their mapped buffers."""
+        return self.footer.unmapped is not None
+
+    def unmapped_sum(self, number: int) -> int | None:
+        """The checksum of item ``number``'s span outside its mapped buffers (meant for
+        items holding some); None if the file does not keep it."""
+        at = self.footer.unmapped
+        if at is None:
+            return None
+        at += 4 * number
+        if self._lazy:
+            self.check(at, 4)
+        value: int = _U32.unpack_from(self._region, at)[0]
+        return value
+
+    def number_at(self, offset: int) -> int:
+        """The number of the entry of the item at ``offset`` (entries are in file order).
+
+        A binary search over the entries, for the reads of items with mapped
+        buffers, which are handed entries without their numbers.
+        """
+        lo, hi = 0, self.item_count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._lazy:
+                self.check(16 * mid, 8)
+            if _U64.unpack_from(self._buffer, self._entries_at + 16 * mid)[0] < offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self.item_count or self.entry(lo)[0] != offset:
+            raise corrupt(self.name, f"its index lists no item at offset {offset}")
+        return lo
+
     def _extended(self, number: int, offset: int, span: int, row: int, crc: int) -> Entry2:
         f, region = self.footer, self._region
         if row >= f.ext_count:
@@ -524,9 +567,9 @@ class Index2:
         if not self._context_loaded:
             f = self.footer
             self.guard()
-            self.check(f.context, f.blocks - f.context)
+            self.check(f.context, f.context_length)
             try:
-                context = self._loads(self._region[f.context:f.blocks])
+                context = self._loads(self._region[f.context:f.context + f.context_length])
             except Exception as exc:
                 raise index_error(self.name, exc) from exc
             if context is not None and not isinstance(context, dict):
