@@ -108,7 +108,7 @@ import numpy as np
 from ..exceptions import UnpicklableItemError
 from ._checksum import DEFAULT, Checksum, checksum_function, short_checksums
 from ._format import MAGIC, PROTOCOL, ItemPickler
-from ._spelled_keys import framed_off, int_key_bytes, spell_key
+from ._spelled_keys import canonical_key_bytes, framed_off, holds_sets, int_key_bytes, spell_key
 
 __all__ = [
     "ALIGN",
@@ -264,6 +264,9 @@ def key_bytes(key: Any) -> bytes:
 
     Without memo, equal keys pickle alike whether or not they share
     objects; numpy integers are stored as ints, so ``np.int64(3)`` finds 3.
+    The elements of sets and frozensets in a key are written in the order of
+    their own bytes (:func:`~._spelled_keys.canonical_key_bytes`), not in the
+    iteration order, which varies with the hash seed of the process.
 
     >>> key_bytes(5)
     b'\\x80\\x05K\\x05.'
@@ -287,6 +290,8 @@ def key_bytes(key: Any) -> bytes:
         pickler.fast = True  # no memo: the bytes depend on values, not on identities
         pickler.dump(key)
         data = out.getvalue()
+        if holds_sets(data):
+            return canonical_key_bytes(key)
     return framed_off(data)
 
 

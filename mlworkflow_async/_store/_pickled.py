@@ -98,7 +98,9 @@ class PickledDataset(Dataset[Any, Any]):
     :attr:`context` are known as soon as the file is open; the keys are
     unpickled when first asked for. A key is found by its pickle: ``3``,
     ``np.int64(3)`` and ``("a", 1)`` find what was stored under them, but
-    ``3.0`` does not find ``3``. Reads never
+    ``3.0`` does not find ``3``. Keys holding sets or frozensets are found
+    in any process (their elements are spelled in a fixed order, not in the
+    order of the hash seed). Reads never
     block the loop: items already in the page cache are read directly,
     others in one worker thread call per batch; ``batched_queries`` is True
     so :meth:`batches` reads whole batches at once. Any number of reads may
