@@ -84,3 +84,20 @@ def test_reads_of_a_file_truncated_after_opening_raise(big_index: Path, action: 
     assert out.startswith("CorruptFileError"), out
     assert str(big_index) in out
     assert "truncated" in out or "past the end" in out, out
+
+
+def test_the_size_check_keeps_no_reader_alive(big_index: Path) -> None:
+    # The index calls its reader back; a cycle would keep the maps of a dropped
+    # dataset (and the file's filesystem busy) until a garbage collection.
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        ds = PickledDataset(big_index)
+        reader = weakref.ref(ds._reader)
+        ds.close()
+        del ds
+        assert reader() is None
+    finally:
+        gc.enable()

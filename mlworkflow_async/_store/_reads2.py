@@ -35,6 +35,7 @@ import functools
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -141,7 +142,7 @@ class Reader2(_reads.FileReader):
             self._index_map = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
             self.index = Index2(
                 path, footer, self._index_map, self._loads, footer.index_offset - base,
-                guard=self.check_size,
+                guard=_weak_call(self.check_size),
             )
             self._handle = _reads._Handle(fd, use_mmap)
         except BaseException:
@@ -520,6 +521,19 @@ class Reader2(_reads.FileReader):
                 raise self._bad(self.index.key_of(number))
             if progress is not None:
                 progress(number)
+
+
+def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
+    """``method``, held weakly: an index calling back its reader must not keep it alive
+    (the reader's maps would outlive the dataset until a garbage collection)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        alive = ref()
+        if alive is not None:
+            alive()
+
+    return call
 
 
 def _has_mapped(buffers: tuple[tuple[int, int], ...] | None) -> bool:
