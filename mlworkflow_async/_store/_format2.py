@@ -366,13 +366,15 @@ class Encoder2:
         self.csum: Checksum = csum
         self.position = HEADER2.size
         self.count = 0
-        # Entries, key offsets and key bytes wait in anonymous temporary files
+        # Entries, key offsets, key bytes and the keys' Python hashes (folded to
+        # 4 bytes, see _refuse_equal_keys) wait in anonymous temporary files
         # (written through, read back once by finish); only the 4-byte key
         # hashes stay in memory, for building the hash table.
         # Closed by finish() or close(), or when the encoder is collected.
         self._entries = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._key_ends = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._key_bytes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._python_hashes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._hashes: list[bytes] = []
         self._key_total = 0
         self._ext: list[int] = []
@@ -382,6 +384,9 @@ class Encoder2:
         self._unmapped: dict[int, int] = {}
         # Whether the keys so far are ``first, first + 1, ...`` (see KEYS_RANGE).
         self._ranged = True
+        # Whether every key so far is an int of 32 bits (no two equal keys then
+        # differ in spelling).
+        self._int32_keys = True
         self._first_key = 0
         self._next_key = 0
 
@@ -546,8 +551,10 @@ class Encoder2:
             values = int32_values(keys)
             if values is not None:
                 self._follow_range(values)
+                # hash(k) is k for these ints, but for -1 (whose hash is -2).
+                self._python_hashes.write(_folded(np.where(values == -1, -2, values)))
                 return spell_int_keys(values)
-        self._ranged = False
+        self._ranged = self._int32_keys = False
         parts = []
         for key in keys:
             try:
@@ -557,6 +564,7 @@ class Encoder2:
                     f"key {key!r} cannot be pickled into {self.path}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+        self._python_hashes.write(_folded(_python_hashes(keys, parts)))
         bounds = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
         return b"".join(parts), bounds
@@ -615,7 +623,7 @@ class Encoder2:
 
     def close(self) -> None:
         """Let go of the temporary files."""
-        for file in (self._entries, self._key_ends, self._key_bytes):
+        for file in (self._entries, self._key_ends, self._key_bytes, self._python_hashes):
             file.close()
 
     def _key_at(self, number: int) -> bytes:
@@ -638,6 +646,42 @@ class Encoder2:
                     )
                 run -= 1
 
+    def _refuse_equal_keys(self) -> None:
+        """Raise ``ValueError`` naming two keys that are equal but spelled apart (``1`` and
+        ``True``, ``1`` and ``1.0``), as format 1 does: a lookup would find only one.
+
+        Equal keys have equal hashes, so only the keys whose folded Python
+        hashes match (those, and a few others by chance) are unpickled and
+        compared. The hashes wait on disk until now.
+        """
+        self._python_hashes.flush()
+        self._python_hashes.seek(0)
+        hashes = np.frombuffer(self._python_hashes.read(), "<u4")
+        order = _stable_argsort(hashes)
+        ordered = hashes[order]
+        del hashes
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
+            return
+        # Runs of equal hashes, as (first, last) positions in ``ordered``.
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+        for first, last in edges.reshape(-1, 2).tolist():
+            seen: dict[Any, tuple[Any, bytes]] = {}
+            for number in order[first:last + 1].tolist():  # in file order (a stable sort)
+                pickled = self._key_at(int(number))
+                key = pickle.loads(pickled)
+                try:
+                    earlier, spelled = seen.setdefault(key, (key, pickled))
+                except TypeError:  # an unhashable key: only its bytes identify it
+                    continue
+                if spelled != pickled:
+                    raise ValueError(
+                        f"keys {earlier!r} and {key!r} are equal in Python but stored "
+                        f"differently in {self.path}, so a lookup would find only one of "
+                        f"them: the keys of a PickledDataset are unique; give them values "
+                        f"that differ (or keys of one type)"
+                    )
+
     def _extended(self, plen: int, rows: Sequence[tuple[int, int]]) -> int:
         index = len(self._ext) // 3
         if index > LOW:
@@ -650,7 +694,8 @@ class Encoder2:
     def finish(self, context: Mapping[str, Any] | None, write: Callable[[list[Any]], None]) -> None:
         """Write the index region and the footer through ``write``.
 
-        Raises ``ValueError`` naming a key that appears twice.
+        Raises ``ValueError`` naming a key that appears twice, or two keys that
+        are equal but spelled apart.
         """
         csum = self.csum
         try:
@@ -682,6 +727,9 @@ class Encoder2:
         stream(self._entries)
         emit([np.zeros(1, dtype)])
         stream(self._key_ends, dtype)
+        if n and not self._int32_keys:
+            # Before the hash table is built: this check's arrays are gone by then.
+            self._refuse_equal_keys()
         hashes = _drain(self._hashes, "<u4")
         self._hashes = []
         if n:
@@ -732,6 +780,28 @@ class Encoder2:
         )
         head = footer[:_FOOTER_SPAN]
         write([head + struct.pack("<I", csum(head)) + END_MAGIC])
+
+
+def _python_hashes(keys: Sequence[Any], spelled: Sequence[bytes]) -> Any:
+    """The Python hashes of ``keys`` (int64); an unhashable key's is that of its bytes."""
+    try:
+        return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
+    except TypeError:
+        pass
+
+    def one(key: Any, data: bytes) -> int:
+        try:
+            return hash(key)
+        except TypeError:
+            return hash(data)
+
+    return np.fromiter(map(one, keys, spelled), dtype=np.int64, count=len(keys))
+
+
+def _folded(values: Any) -> bytes:
+    """64-bit hashes (int64) folded to 32 bits, as bytes of ``<u4``."""
+    folded: bytes = ((values ^ (values >> 32)) & 0xFFFFFFFF).astype("<u4").tobytes()
+    return folded
 
 
 def _stable_argsort(values: Any) -> Any:

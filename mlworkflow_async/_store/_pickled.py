@@ -413,6 +413,9 @@ class PickledDataset(Dataset[Any, Any]):
 
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
+        Keys are unique: a key given twice, or two keys equal in Python but
+        pickled differently (``1`` and ``True``, ``1`` and ``1.0``), raise
+        ``ValueError`` naming them.
 
         ``shards=N`` makes ``path`` a folder of ``N`` shard files and a
         manifest, written in parallel on ``client``: a Dask ``Client``, a
