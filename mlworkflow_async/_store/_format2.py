@@ -47,9 +47,15 @@ Index region, from the end of the last item, parts back to back
     7. key bytes: each key pickled with protocol 5 and without memo
        (:func:`key_bytes`), one after the other, in file order.
     8. context: a pickle of the dataset's metadata dict (or of ``None``).
-    9. block checksums: the checksum (u32) of every 4096-byte block of
-       parts 1 to 8 (the last block may be shorter), so that a reader
-       checks only the blocks it touches.
+    9. unmapped checksums, only in a file of footer flag 2: one u32 per
+       entry, in file order. For an item holding a buffer of 1 MiB or more
+       (a *mapped* buffer, see above), the checksum of the bytes of its span
+       outside its mapped buffers, in order: its pickle, padding and smaller
+       buffers. 0 for the other items. A reader that does not hash mapped
+       arrays still checks the rest of their items with it.
+    10. block checksums: the checksum (u32) of every 4096-byte block of
+        parts 1 to 9 (the last block may be shorter), so that a reader
+        checks only the blocks it touches.
 
 Footer, the last 160 bytes
     a copy of the 64-byte header, then index offset, count, table length,
@@ -70,8 +76,13 @@ Footer flags
     1 (``KEYS_RANGE``): the keys are the ints ``first, first + 1, ...,
     first + count - 1`` in file order, all within 32 bits (a dataset of
     indices, or a shard of one). The key parts are written as for any file,
-    but readers need not read them: key ``k`` is entry ``k - first``. Other
-    bits are refused as written by a newer version.
+    but readers need not read them: key ``k`` is entry ``k - first``.
+
+    2 (``UNMAPPED_SUMS``): part 9 is present. Set when an item holds a
+    mapped buffer; files written before this flag, and by versions that
+    refuse it, have no part 9.
+
+    Other bits are refused as written by a newer version.
 
 Opening reads the header and footer, then maps (or reads, for a remote
 file) the index region: nothing is built per key. A lookup pickles the key,
@@ -97,7 +108,7 @@ import numpy as np
 from ..exceptions import UnpicklableItemError
 from ._checksum import DEFAULT, Checksum, checksum_function, short_checksums
 from ._format import MAGIC, PROTOCOL, ItemPickler
-from ._spelled_keys import framed_off, int_key_bytes, spell_key
+from ._spelled_keys import canonical_key_bytes, framed_off, holds_sets, int_key_bytes, spell_key
 
 __all__ = [
     "ALIGN",
@@ -109,8 +120,10 @@ __all__ = [
     "FOOTER_SIZE",
     "HEADER2",
     "KEYS_RANGE",
+    "KNOWN_FLAGS",
     "MAP_THRESHOLD",
     "PAGE",
+    "UNMAPPED_SUMS",
     "VERSION2",
     "Encoder2",
     "footer_at",
@@ -138,6 +151,9 @@ MAP_THRESHOLD = 1 << 20
 BLOCK = 4096
 #: Footer flag: the keys are ``first, first + 1, ...`` in file order (see above).
 KEYS_RANGE = 1
+#: Footer flag: the file holds the checksums of the bytes around mapped buffers (part 9).
+UNMAPPED_SUMS = 2
+KNOWN_FLAGS = KEYS_RANGE | UNMAPPED_SUMS
 TAG_SHIFT = 30
 LOW = (1 << TAG_SHIFT) - 1
 NONE, ONE_SMALL, ONE_PAGE, EXTENDED = 0, 1, 2, 3
@@ -248,6 +264,9 @@ def key_bytes(key: Any) -> bytes:
 
     Without memo, equal keys pickle alike whether or not they share
     objects; numpy integers are stored as ints, so ``np.int64(3)`` finds 3.
+    The elements of sets and frozensets in a key are written in the order of
+    their own bytes (:func:`~._spelled_keys.canonical_key_bytes`), not in the
+    iteration order, which varies with the hash seed of the process.
 
     >>> key_bytes(5)
     b'\\x80\\x05K\\x05.'
@@ -271,6 +290,8 @@ def key_bytes(key: Any) -> bytes:
         pickler.fast = True  # no memo: the bytes depend on values, not on identities
         pickler.dump(key)
         data = out.getvalue()
+        if holds_sets(data):
+            return canonical_key_bytes(key)
     return framed_off(data)
 
 
@@ -345,19 +366,27 @@ class Encoder2:
         self.csum: Checksum = csum
         self.position = HEADER2.size
         self.count = 0
-        # Entries, key offsets and key bytes wait in anonymous temporary files
+        # Entries, key offsets, key bytes and the keys' Python hashes (folded to
+        # 4 bytes, see _refuse_equal_keys) wait in anonymous temporary files
         # (written through, read back once by finish); only the 4-byte key
         # hashes stay in memory, for building the hash table.
         # Closed by finish() or close(), or when the encoder is collected.
         self._entries = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._key_ends = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._key_bytes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
+        self._python_hashes = tempfile.TemporaryFile(buffering=1 << 20)  # noqa: SIM115
         self._hashes: list[bytes] = []
         self._key_total = 0
         self._ext: list[int] = []
         self._rows: list[int] = []
+        # Item number: checksum of its span outside its mapped buffers (part 9),
+        # for the items holding one (each at least 1 MiB: few).
+        self._unmapped: dict[int, int] = {}
         # Whether the keys so far are ``first, first + 1, ...`` (see KEYS_RANGE).
         self._ranged = True
+        # Whether every key so far is an int of 32 bits (no two equal keys then
+        # differ in spelling).
+        self._int32_keys = True
         self._first_key = 0
         self._next_key = 0
 
@@ -430,9 +459,12 @@ class Encoder2:
         if not large:
             sums = [csum(view[a:b]) for a, b in itertools.pairwise(starts)]
         else:
-            sums = [
-                self._span_sum(view, large, starts, chunk.marks.get(i), i) for i in range(n)
-            ]
+            sums = []
+            for i in range(n):
+                whole, unmapped = self._span_sums(view, large, starts, chunk.marks.get(i), i)
+                sums.append(whole)
+                if unmapped is not None:
+                    self._unmapped[self.count + i] = unmapped
         bounds = np.asarray(starts, dtype=np.int64)
         offsets = bounds[:-1] + base
         for after, extra in chunk.jumps:  # large buffers, outside blob, push what follows
@@ -485,24 +517,33 @@ class Encoder2:
         self._key_bytes.write(key_blob)
         self.count += n
 
-    def _span_sum(
+    def _span_sums(
         self,
         view: memoryview,
         large: list[tuple[int, memoryview]],
         starts: list[int],
         marks: tuple[int, int] | None,
         item: int,
-    ) -> int:
-        """The checksum of an item's span: its bytes in the chunk, with its large buffers."""
+    ) -> tuple[int, int | None]:
+        """The checksums of an item's span (its bytes in the chunk, with its large buffers)
+        and, if it holds mapped buffers, of the span without them (else None)."""
         csum = self.csum
         if marks is None:
-            return csum(view[starts[item]:starts[item + 1]])
-        value = 0
+            return csum(view[starts[item]:starts[item + 1]]), None
+        value = rest = 0
+        mapped = False
         done = starts[item]
         for at, raw in large[marks[0]:marks[1]]:
-            value = csum(raw, csum(view[done:at], value))
+            piece = view[done:at]
+            value = csum(raw, csum(piece, value))
+            rest = csum(piece, rest)
+            if raw.nbytes >= MAP_THRESHOLD:
+                mapped = True
+            else:  # copied by readers, so checked with the rest
+                rest = csum(raw, rest)
             done = at
-        return csum(view[done:starts[item + 1]], value)
+        tail = view[done:starts[item + 1]]
+        return csum(tail, value), csum(tail, rest) if mapped else None
 
     def _key_parts(self, keys: Sequence[Any]) -> tuple[bytes, Any]:
         """The pickled bytes of ``keys`` (see :func:`key_bytes`), joined, and their bounds."""
@@ -510,8 +551,10 @@ class Encoder2:
             values = int32_values(keys)
             if values is not None:
                 self._follow_range(values)
+                # hash(k) is k for these ints, but for -1 (whose hash is -2).
+                self._python_hashes.write(_folded(np.where(values == -1, -2, values)))
                 return spell_int_keys(values)
-        self._ranged = False
+        self._ranged = self._int32_keys = False
         parts = []
         for key in keys:
             try:
@@ -521,6 +564,7 @@ class Encoder2:
                     f"key {key!r} cannot be pickled into {self.path}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+        self._python_hashes.write(_folded(_python_hashes(keys, parts)))
         bounds = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
         return b"".join(parts), bounds
@@ -579,7 +623,7 @@ class Encoder2:
 
     def close(self) -> None:
         """Let go of the temporary files."""
-        for file in (self._entries, self._key_ends, self._key_bytes):
+        for file in (self._entries, self._key_ends, self._key_bytes, self._python_hashes):
             file.close()
 
     def _key_at(self, number: int) -> bytes:
@@ -602,6 +646,42 @@ class Encoder2:
                     )
                 run -= 1
 
+    def _refuse_equal_keys(self) -> None:
+        """Raise ``ValueError`` naming two keys that are equal but spelled apart (``1`` and
+        ``True``, ``1`` and ``1.0``), as format 1 does: a lookup would find only one.
+
+        Equal keys have equal hashes, so only the keys whose folded Python
+        hashes match (those, and a few others by chance) are unpickled and
+        compared. The hashes wait on disk until now.
+        """
+        self._python_hashes.flush()
+        self._python_hashes.seek(0)
+        hashes = np.frombuffer(self._python_hashes.read(), "<u4")
+        order = _stable_argsort(hashes)
+        ordered = hashes[order]
+        del hashes
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
+            return
+        # Runs of equal hashes, as (first, last) positions in ``ordered``.
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+        for first, last in edges.reshape(-1, 2).tolist():
+            seen: dict[Any, tuple[Any, bytes]] = {}
+            for number in order[first:last + 1].tolist():  # in file order (a stable sort)
+                pickled = self._key_at(int(number))
+                key = pickle.loads(pickled)
+                try:
+                    earlier, spelled = seen.setdefault(key, (key, pickled))
+                except TypeError:  # an unhashable key: only its bytes identify it
+                    continue
+                if spelled != pickled:
+                    raise ValueError(
+                        f"keys {earlier!r} and {key!r} are equal in Python but stored "
+                        f"differently in {self.path}, so a lookup would find only one of "
+                        f"them: the keys of a PickledDataset are unique; give them values "
+                        f"that differ (or keys of one type)"
+                    )
+
     def _extended(self, plen: int, rows: Sequence[tuple[int, int]]) -> int:
         index = len(self._ext) // 3
         if index > LOW:
@@ -614,7 +694,8 @@ class Encoder2:
     def finish(self, context: Mapping[str, Any] | None, write: Callable[[list[Any]], None]) -> None:
         """Write the index region and the footer through ``write``.
 
-        Raises ``ValueError`` naming a key that appears twice.
+        Raises ``ValueError`` naming a key that appears twice, or two keys that
+        are equal but spelled apart.
         """
         csum = self.csum
         try:
@@ -646,6 +727,9 @@ class Encoder2:
         stream(self._entries)
         emit([np.zeros(1, dtype)])
         stream(self._key_ends, dtype)
+        if n and not self._int32_keys:
+            # Before the hash table is built: this check's arrays are gone by then.
+            self._refuse_equal_keys()
         hashes = _drain(self._hashes, "<u4")
         self._hashes = []
         if n:
@@ -679,17 +763,45 @@ class Encoder2:
         emit([np.asarray(self._ext, "<u8").tobytes(), np.asarray(self._rows, "<u8").tobytes()])
         stream(self._key_bytes)
         emit([context_blob])
+        flags = KEYS_RANGE if self._ranged and n > 0 else 0
+        if self._unmapped:
+            unmapped = np.zeros(n, "<u4")
+            unmapped[list(self._unmapped)] = list(self._unmapped.values())
+            emit([unmapped])
+            flags |= UNMAPPED_SUMS
+            del unmapped
         self.close()
         blocks = hasher.finish()
         write([blocks])
-        ranged = self._ranged and n > 0
         footer = header2(self.algorithm) + FOOTER.pack(
             self.position, n, table_length, len(self._ext) // 3, len(self._rows) // 2,
-            self._key_total, len(context_blob), self._first_key if ranged else 0,
-            KEYS_RANGE if ranged else 0, csum(blocks), width, BLOCK, 0, END_MAGIC,
+            self._key_total, len(context_blob), self._first_key if flags & KEYS_RANGE else 0,
+            flags, csum(blocks), width, BLOCK, 0, END_MAGIC,
         )
         head = footer[:_FOOTER_SPAN]
         write([head + struct.pack("<I", csum(head)) + END_MAGIC])
+
+
+def _python_hashes(keys: Sequence[Any], spelled: Sequence[bytes]) -> Any:
+    """The Python hashes of ``keys`` (int64); an unhashable key's is that of its bytes."""
+    try:
+        return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
+    except TypeError:
+        pass
+
+    def one(key: Any, data: bytes) -> int:
+        try:
+            return hash(key)
+        except TypeError:
+            return hash(data)
+
+    return np.fromiter(map(one, keys, spelled), dtype=np.int64, count=len(keys))
+
+
+def _folded(values: Any) -> bytes:
+    """64-bit hashes (int64) folded to 32 bits, as bytes of ``<u4``."""
+    folded: bytes = ((values ^ (values >> 32)) & 0xFFFFFFFF).astype("<u4").tobytes()
+    return folded
 
 
 def _stable_argsort(values: Any) -> Any:

@@ -39,9 +39,11 @@ from ._format2 import (
     FOOTER_SIZE,
     HEADER2,
     KEYS_RANGE,
+    KNOWN_FLAGS,
     LOW,
     PAGE,
     TAG_SHIFT,
+    UNMAPPED_SUMS,
     VERSION2,
     capacity,
     footer_at,
@@ -62,6 +64,7 @@ _MASK32 = 0xFFFFFFFF
 _ENTRY_AND_NEXT = struct.Struct("<QIIQ")
 _ROW = struct.Struct("<QQ")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 class Footer(NamedTuple):
@@ -92,6 +95,8 @@ class Footer(NamedTuple):
     rows: int
     keys: int
     context: int
+    #: Where part 9 (the checksums outside mapped buffers) starts; None if absent.
+    unmapped: int | None
     blocks: int
     block_count: int
     region_length: int
@@ -151,7 +156,7 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
      first, footer_flags, blocks_crc, width, block, _, _) = fields
     if width not in (4, 8) or block < 512 or block & (block - 1):
         raise corrupt(name, f"its footer is malformed (width {width}, block {block})")
-    if footer_flags & ~KEYS_RANGE:
+    if footer_flags & ~KNOWN_FLAGS:
         raise UnsupportedVersionError(
             f"{name} sets footer flags this version does not know ({footer_flags:#x}): it "
             f"was written by a newer version of mlworkflow-async", name
@@ -167,7 +172,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     rows = ext + 24 * ext_count
     keys = rows + 16 * row_count
     context = keys + keys_length
-    blocks = context + context_length
+    unmapped = context + context_length
+    blocks = unmapped + (4 * count if footer_flags & UNMAPPED_SUMS else 0)
     block_count = -(-blocks // block)
     region_length = blocks + 4 * block_count
     if (
@@ -182,7 +188,8 @@ def parse_footer(name: str, size: int, head: bytes | None, foot: bytes) -> Foote
     return Footer(
         algorithm, csum, index_offset, count, table_length, ext_count, row_count,
         keys_length, context_length, first, blocks_crc, width, block, key_offsets, table,
-        prints, ext, rows, keys, context, blocks, block_count, region_length,
+        prints, ext, rows, keys, context, unmapped if footer_flags & UNMAPPED_SUMS else None,
+        blocks, block_count, region_length,
     )
 
 
@@ -192,6 +199,13 @@ class Index2:
     ``region`` is any buffer holding the bytes of the index region from
     offset ``base`` (a map of the file's tail, whose start must be aligned;
     slicing an ``mmap`` or ``bytes`` gives ``bytes``, quick to compare).
+
+    ``guard``, when the region is a map, raises
+    :class:`~mlworkflow_async.exceptions.CorruptFileError` if the file
+    shrank under it: touching a map past the end of its file kills the
+    process (SIGBUS). The methods that read much of the region whole
+    (:meth:`keys`, :attr:`context`, :meth:`key_of`, :meth:`check_all`) call
+    it first; the lookups leave it to their caller, once per batch.
     """
 
     version = VERSION2
@@ -203,8 +217,10 @@ class Index2:
         region: Any,
         loads: Callable[..., Any],
         base: int = 0,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self._guard = guard
         self.footer = footer
         self.csum = footer.csum
         self.item_count = footer.item_count
@@ -247,6 +263,11 @@ class Index2:
 
     # -- checks ---------------------------------------------------------------
 
+    def guard(self) -> None:
+        """Raise ``CorruptFileError`` if the mapped file is now shorter than its index says."""
+        if self._guard is not None:
+            self._guard()
+
     def check(self, start: int, length: int) -> None:
         """Check the blocks holding ``length`` bytes from ``start`` of the region, once each."""
         verified, shift = self._verified, self._shift
@@ -272,6 +293,7 @@ class Index2:
 
     def check_all(self) -> None:
         """Check every block, and that the keys of a :data:`KEYS_RANGE` file are that range."""
+        self.guard()
         self.check(0, self.footer.blocks)
         self._lazy = False
         f, first = self.footer, self._first
@@ -429,6 +451,42 @@ class Index2:
             return offset, span, low, ((start - offset, span),), crc
         return self._extended(number, offset, span, low, crc)
 
+    @property
+    def keeps_unmapped(self) -> bool:
+        """Whether the file keeps the checksums of items outside their mapped buffers."""
+        return self.footer.unmapped is not None
+
+    def unmapped_sum(self, number: int) -> int | None:
+        """The checksum of item ``number``'s span outside its mapped buffers (meant for
+        items holding some); None if the file does not keep it."""
+        at = self.footer.unmapped
+        if at is None:
+            return None
+        at += 4 * number
+        if self._lazy:
+            self.check(at, 4)
+        value: int = _U32.unpack_from(self._region, at)[0]
+        return value
+
+    def number_at(self, offset: int) -> int:
+        """The number of the entry of the item at ``offset`` (entries are in file order).
+
+        A binary search over the entries, for the reads of items with mapped
+        buffers, which are handed entries without their numbers.
+        """
+        lo, hi = 0, self.item_count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._lazy:
+                self.check(16 * mid, 8)
+            if _U64.unpack_from(self._buffer, self._entries_at + 16 * mid)[0] < offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self.item_count or self.entry(lo)[0] != offset:
+            raise corrupt(self.name, f"its index lists no item at offset {offset}")
+        return lo
+
     def _extended(self, number: int, offset: int, span: int, row: int, crc: int) -> Entry2:
         f, region = self.footer, self._region
         if row >= f.ext_count:
@@ -469,6 +527,7 @@ class Index2:
             return self._first + number
         f = self.footer
         at = f.key_offsets + number * f.width
+        self.guard()
         if self._lazy:
             self.check(at, 2 * f.width)
         a, b = self._pair.unpack_from(self._region, at)
@@ -486,6 +545,7 @@ class Index2:
         f = self.footer
         if self._first is not None:
             return list(range(self._first, self._first + f.item_count))
+        self.guard()
         self.check(f.key_offsets, f.keys + f.keys_length - f.key_offsets)
         ends = np.frombuffer(
             self._region[f.key_offsets:f.table], "<u4" if f.width == 4 else "<u8"
@@ -506,9 +566,10 @@ class Index2:
     def context(self) -> dict[str, Any] | None:
         if not self._context_loaded:
             f = self.footer
-            self.check(f.context, f.blocks - f.context)
+            self.guard()
+            self.check(f.context, f.context_length)
             try:
-                context = self._loads(self._region[f.context:f.blocks])
+                context = self._loads(self._region[f.context:f.context + f.context_length])
             except Exception as exc:
                 raise index_error(self.name, exc) from exc
             if context is not None and not isinstance(context, dict):

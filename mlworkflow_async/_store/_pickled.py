@@ -20,8 +20,9 @@ The full description, field by field, is in
 - Index region: a 16-byte entry per item (offset, tag and pickle length,
   checksum of the item's whole span), key offsets, an open-addressing hash
   table of the keys' pickled bytes with one fingerprint byte per slot, rows
-  for items with several buffers, the keys' pickles, the context, and a
-  checksum of every 4096-byte block of the region.
+  for items with several buffers, the keys' pickles, the context, for items
+  with mapped arrays the checksum of their bytes outside those arrays, and
+  a checksum of every 4096-byte block of the region.
 - Footer, the last 160 bytes: a copy of the header (so that a remote file
   opens from its last bytes), counts and lengths of the parts, whether the
   keys are the ints ``first, first + 1, ...`` in file order (and ``first``),
@@ -97,7 +98,9 @@ class PickledDataset(Dataset[Any, Any]):
     :attr:`context` are known as soon as the file is open; the keys are
     unpickled when first asked for. A key is found by its pickle: ``3``,
     ``np.int64(3)`` and ``("a", 1)`` find what was stored under them, but
-    ``3.0`` does not find ``3``. Reads never
+    ``3.0`` does not find ``3``. Keys holding sets or frozensets are found
+    in any process (their elements are spelled in a fixed order, not in the
+    order of the hash seed). Reads never
     block the loop: items already in the page cache are read directly,
     others in one worker thread call per batch; ``batched_queries`` is True
     so :meth:`batches` reads whole batches at once. Any number of reads may
@@ -111,8 +114,10 @@ class PickledDataset(Dataset[Any, Any]):
     read in by a worker thread if needed. ``verify="all"`` (the default)
     hashes a mapped array in that thread the first time its item is read;
     ``verify="copied"`` skips that (saving a pass over the array's bytes) and
-    checks everything else. ``python -m mlworkflow_async verify`` checks
-    every byte.
+    checks everything else, the rest of such an item included (in files
+    written before that rest had a checksum of its own, such an item is
+    hashed whole once, as with ``"all"``). ``python -m mlworkflow_async
+    verify`` checks every byte.
     Never modify a file in place while it is open: :meth:`create` replaces
     files atomically, which is safe.
 
@@ -408,6 +413,9 @@ class PickledDataset(Dataset[Any, Any]):
 
         An item that cannot be pickled raises
         :class:`~mlworkflow_async.exceptions.UnpicklableItemError` naming it.
+        Keys are unique: a key given twice, or two keys equal in Python but
+        pickled differently (``1`` and ``True``, ``1`` and ``1.0``), raise
+        ``ValueError`` naming them.
 
         ``shards=N`` makes ``path`` a folder of ``N`` shard files and a
         manifest, written in parallel on ``client``: a Dask ``Client``, a

@@ -12,10 +12,17 @@ Verification policy (``verify=``):
 - ``"all"`` (default): every byte is checked. Mapped arrays are hashed
   in the worker thread that maps them, the first time their item is read
   from this open dataset (CRC-32C runs at about 17 GB/s, a few percent of
-  what reading from disk costs); later reads of the item map it unchecked.
+  what reading from disk costs); later reads of the item map them
+  unchecked, and check the rest of the item (its pickle, padding and
+  smaller arrays).
 - ``"copied"``: items are checked except their mapped arrays, which then
-  cost nothing beyond the map. Everything below the mapping threshold is
-  still checked.
+  cost nothing beyond the map: the rest of such an item is checked against
+  the checksum the file keeps of it, at every read. Everything below the
+  mapping threshold is still checked. Files written before that checksum
+  was kept (their footer lacks flag 2) cannot check the rest of such an
+  item apart: it is checked whole the first time it is read, as with
+  ``"all"`` (rewrite the file with ``python -m mlworkflow_async convert``
+  to avoid that).
 
 A batch of items that are each one large array of the same size, collated
 by the default collation, is read with one ``preadv`` per item straight
@@ -28,6 +35,7 @@ import functools
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -79,9 +87,11 @@ class _Entries:
         self._index = index
 
     def __getitem__(self, key: Any) -> tuple[Any, ...]:
+        self._index.guard()
         return self._index.locate(key)[:4]
 
     def __contains__(self, key: Any) -> bool:
+        self._index.guard()
         try:
             self._index.locate(key)
         except KeyError:
@@ -90,7 +100,9 @@ class _Entries:
 
     def items(self) -> list[tuple[Any, tuple[Any, ...]]]:
         index = self._index
-        return [(key, index.entry(n)[:4]) for n, key in enumerate(index.keys())]
+        keys = index.keys()
+        index.guard()
+        return [(key, index.entry(n)[:4]) for n, key in enumerate(keys)]
 
 
 class Reader2(_reads.FileReader):
@@ -129,7 +141,8 @@ class Reader2(_reads.FileReader):
             length = footer.index_offset + footer.region_length - base
             self._index_map = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
             self.index = Index2(
-                path, footer, self._index_map, self._loads, footer.index_offset - base
+                path, footer, self._index_map, self._loads, footer.index_offset - base,
+                guard=_weak_call(self.check_size),
             )
             self._handle = _reads._Handle(fd, use_mmap)
         except BaseException:
@@ -144,6 +157,7 @@ class Reader2(_reads.FileReader):
         self._generation = _reads._generation
         self._since_yield = 0
         self._checked: set[int] = set()  # offsets of items whose mapped arrays were hashed
+        self._unmapped: dict[int, int | None] = {}  # offset: its checksum kept outside maps
         self._batch_buffers = BatchBuffers()
 
     def close(self) -> None:
@@ -161,15 +175,31 @@ class Reader2(_reads.FileReader):
         """Refuse to touch the mapped index of a file that shrank since it was opened.
 
         Touching a map past the end of its file kills the process (SIGBUS);
-        one ``fstat`` per batch rules that out unless the file shrinks
-        during the batch, which replacing files atomically never does.
+        one ``fstat`` per batch (and per read of the keys or the context)
+        rules that out unless the file shrinks during the read, which
+        replacing files atomically never does.
         """
-        handle = self._handle
-        if not handle.closed and os.fstat(handle.fd).st_size < self.size:
+        size = self._current_size()
+        if size is not None and size < self.size:
             raise corrupt(
                 self.path, "it is shorter than when it was opened: its items now extend "
                 "past the end of the file (was it truncated after being opened?)"
             )
+
+    def _current_size(self) -> int | None:
+        """The size of the open file now; None if it cannot be told (the map is then safe)."""
+        handle: _reads._Handle | None = getattr(self, "_handle", None)
+        if handle is None:  # still opening: the size was just read
+            return None
+        if not handle.closed:
+            return os.fstat(handle.fd).st_size
+        # Closed, while the map of the index lives on: the file is the one at the
+        # path if that is still the same inode; else only the map holds it.
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_size if (info.st_dev, info.st_ino) == self.identity else None
 
     def _begin(
         self, keys: Sequence[Any]
@@ -220,10 +250,11 @@ class Reader2(_reads.FileReader):
             span = entry[1]
             if span >= budget:
                 item = _reads._COLD
-                if span >= MAP_THRESHOLD and entry[3] is not None and (
-                    self.verify != "all" or entry[0] in self._checked
+                if (
+                    span >= MAP_THRESHOLD and self.private_maps and _has_mapped(entry[3])
+                    and not self._hash_whole(entry)
                 ):
-                    item = self._large_inline(fd, entry[0], entry[2], entry[3])
+                    item = self._large_inline2(fd, keys[index], entry)
                 if item is _reads._COLD:
                     cold.append(index)
                 else:
@@ -260,9 +291,7 @@ class Reader2(_reads.FileReader):
         for index in todo:
             key, entry = keys[index], entries[index]
             offset, span, _plen, buffers, _crc = entry
-            if buffers is None or span < MAP_THRESHOLD or not any(
-                b - a >= MAP_THRESHOLD for a, b in buffers
-            ):
+            if span < MAP_THRESHOLD or not _has_mapped(buffers):
                 skip = offset % 8
                 view = memoryview(bytearray(span + skip))[skip:]
                 self._fill(handle.fd, key, view, offset)
@@ -278,13 +307,36 @@ class Reader2(_reads.FileReader):
                 raise self._past_end(key)
             done += got
 
+    def _hash_whole(self, entry: Entry2) -> bool:
+        """Whether an item with mapped arrays is to be hashed whole at this read.
+
+        The first read from this open dataset does so under ``verify="all"``,
+        and under any policy in a file that keeps no checksum of the rest.
+        """
+        return entry[0] not in self._checked and (
+            self.verify == "all" or not self.index.keeps_unmapped
+        )
+
+    def _unmapped_sum(self, offset: int) -> int | None:
+        """The checksum kept of the item at ``offset`` outside its mapped buffers, if any."""
+        if not self.index.keeps_unmapped:
+            return None
+        value = self._unmapped.get(offset)
+        if value is None:
+            self.check_size()  # the index is mapped (see check_size)
+            value = self._unmapped[offset] = self.index.unmapped_sum(
+                self.index.number_at(offset)
+            )
+        return value
+
     def _mapped(self, handle: _reads._Handle, key: object, entry: Entry2) -> Any:
         """An item with large arrays: they are mapped; the rest is read and checked."""
         offset, _span, plen, buffers, crc = entry
         assert buffers is not None
-        hash_all = self.verify == "all" and offset not in self._checked
+        hash_all = self._hash_whole(entry)
+        unmapped = self._unmapped_sum(offset)
         csum, fd = self.csum, handle.fd
-        value = 0
+        value = rest = 0  # the checksums of the span, and of its bytes outside the maps
         loaded: list[Any] = []
         done = 0
         pickle_bytes = b""
@@ -294,6 +346,7 @@ class Reader2(_reads.FileReader):
             if not done:
                 pickle_bytes = bytes(gap[:plen])
             value = csum(gap, value)
+            rest = csum(gap, rest)
             if b - a >= MAP_THRESHOLD:
                 part = self._map_buffer(handle, key, offset + a, b - a)
                 if hash_all:
@@ -303,8 +356,11 @@ class Reader2(_reads.FileReader):
                 self._fill(fd, key, memoryview(small), offset + a)
                 part = memoryview(small)
                 value = csum(small, value)
+                rest = csum(small, rest)
             loaded.append(part)
             done = b
+        if unmapped is not None and rest != unmapped:
+            raise self._bad(key)
         if hash_all:
             if value != crc:
                 raise self._bad(key)
@@ -314,8 +370,53 @@ class Reader2(_reads.FileReader):
         except Exception as exc:
             raise item_error(self.path, key, exc) from exc
 
+    def _large_inline2(self, fd: int, key: object, entry: Entry2) -> Any:
+        """An item with mapped arrays whose pages are all cached, read on the calling
+        thread (its arrays mapped, the rest checked if the file keeps its checksum);
+        ``_COLD`` if a page is not cached."""
+        offset, _span, plen, buffers, _crc = entry
+        assert buffers is not None
+        unmapped = self._unmapped_sum(offset)
+        csum, preadv = self.csum, os.preadv
+        nowait: int = _NOWAIT  # type: ignore[assignment]
+        rest = 0
+        loaded: list[Any] = []
+        head = bytearray()
+        done = 0
+        try:
+            for a, b in buffers:
+                gap = bytearray(a - done)
+                if preadv(fd, (gap,), offset + done, nowait) != len(gap):
+                    return _reads._COLD
+                if not done:
+                    head = gap
+                rest = csum(gap, rest)
+                size = b - a
+                if size >= MAP_THRESHOLD:
+                    mapped = self._map_private(fd, key, offset + a, size, inline=True)
+                    if mapped is None:
+                        return _reads._COLD
+                    loaded.append(mapped)
+                else:
+                    small = bytearray(size)
+                    if preadv(fd, (small,), offset + a, nowait) != size:
+                        return _reads._COLD
+                    rest = csum(small, rest)
+                    loaded.append(small)
+                done = b
+        except OSError:  # not cached, or failing: the worker thread will tell
+            return _reads._COLD
+        if unmapped is not None and rest != unmapped:
+            raise self._bad(key)
+        try:
+            return self._loads(memoryview(head)[:plen], buffers=loaded)
+        except Exception as exc:
+            raise item_error(self.path, key, exc) from exc
+
     def _map_buffer(self, handle: _reads._Handle, key: object, start: int, size: int) -> Any:
-        if start + size > self.size:
+        # The file's size now, not at open: a map past the end would SIGBUS when
+        # hashed or touched (one fstat per array of 1 MiB or more).
+        if start + size > min(self.size, os.fstat(handle.fd).st_size):
             raise self._past_end(key)
         if handle.view is not None:
             assert handle.map is not None
@@ -401,20 +502,56 @@ class Reader2(_reads.FileReader):
         fd = self._handle.fd
         chunk = 8 << 20
         for number in range(len(self.index)):
-            try:
-                offset, span, _, _, crc = self.index.entry(number)
-            except Exception:
-                raise
-            value = 0
-            done = 0
-            while done < span:
-                take = min(chunk, span - done)
-                data = os.pread(fd, take, offset + done)
-                if len(data) != take:
-                    raise corrupt(self.path, "it is truncated")
-                value = self.csum(data, value)
-                done += take
-            if value != crc:
+            self.check_size()  # the index is mapped: a file shrinking meanwhile would SIGBUS
+            offset, span, _, buffers, crc = self.index.entry(number)
+            unmapped = self.index.unmapped_sum(number) if _has_mapped(buffers) else None
+            value = rest = 0  # the span's checksum, and that of its bytes outside the maps
+            for start, stop, mapped in _segments(span, buffers):
+                done = start
+                while done < stop:
+                    take = min(chunk, stop - done)
+                    data = os.pread(fd, take, offset + done)
+                    if len(data) != take:
+                        raise corrupt(self.path, "it is truncated")
+                    value = self.csum(data, value)
+                    if not mapped:
+                        rest = self.csum(data, rest)
+                    done += take
+            if value != crc or (unmapped is not None and rest != unmapped):
                 raise self._bad(self.index.key_of(number))
             if progress is not None:
                 progress(number)
+
+
+def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
+    """``method``, held weakly: an index calling back its reader must not keep it alive
+    (the reader's maps would outlive the dataset until a garbage collection)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        alive = ref()
+        if alive is not None:
+            alive()
+
+    return call
+
+
+def _has_mapped(buffers: tuple[tuple[int, int], ...] | None) -> bool:
+    """Whether an item's buffers include one that is mapped rather than copied."""
+    return buffers is not None and any(b - a >= MAP_THRESHOLD for a, b in buffers)
+
+
+def _segments(
+    span: int, buffers: tuple[tuple[int, int], ...] | None
+) -> list[tuple[int, int, bool]]:
+    """An item's span as ``(start, stop, mapped)`` pieces, in order."""
+    if buffers is None:
+        return [(0, span, False)]
+    pieces = []
+    done = 0
+    for a, b in buffers:
+        pieces += [(done, a, False), (a, b, b - a >= MAP_THRESHOLD)]
+        done = b
+    if done < span:
+        pieces.append((done, span, False))
+    return pieces

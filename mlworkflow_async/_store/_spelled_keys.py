@@ -12,6 +12,12 @@ bytes, floats, ``None``, bools, and tuples and plain NamedTuples of those.
 The tests compare both spellings over thousands of generated keys on every
 supported Python.
 
+Keys holding sets or frozensets, at any depth, are the exception the other
+way: the pickler writes a set's elements in its iteration order, which
+follows the hash seed of the process (``PYTHONHASHSEED``), so equal keys
+would be spelled apart in two processes. :func:`canonical_key_bytes`
+writes them with each set's elements in the order of their own spelling.
+
 >>> spell_key(("a", 1))
 b'\\x80\\x05\\x8c\\x01aK\\x01\\x86.'
 >>> from urllib.parse import urlsplit  # a NamedTuple of strings
@@ -25,14 +31,16 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import io
 import pickle
+import pickletools
 import struct
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from ._format import PROTOCOL
 
-__all__ = ["framed_off", "int_key_bytes", "spell_key"]
+__all__ = ["canonical_key_bytes", "framed_off", "holds_sets", "int_key_bytes", "spell_key"]
 
 #: Longer spellings are left to the pickler, which frames pickles of 64 KiB or more.
 _LIMIT = 60_000
@@ -177,3 +185,70 @@ def _class_prefix(cls: type) -> bytes:
     if not (_spell(module_name, parts, 0) and _spell(name, parts, 0)):
         return _NOT_SPELLED
     return b"".join(parts) + b"\x93"  # STACK_GLOBAL
+
+
+# -- keys holding sets ---------------------------------------------------------
+
+_SET_OPCODES = frozenset({"FROZENSET", "EMPTY_SET"})
+
+
+def holds_sets(data: bytes) -> bool:
+    """Whether the pickle ``data`` builds a set or a frozenset.
+
+    >>> holds_sets(pickle.dumps(("a", frozenset({1}))))
+    True
+    >>> holds_sets(pickle.dumps("\\u0451"))  # byte 0x91 inside a string is no opcode
+    False
+    """
+    # Most pickles lack both opcode bytes: one scan in C rules them out.
+    if b"\x91" not in data and b"\x8f" not in data:
+        return False
+    return any(op.name in _SET_OPCODES for op, _, _ in pickletools.genops(data))
+
+
+def canonical_key_bytes(key: Any) -> bytes:
+    """The key bytes of a key holding sets: each set's elements in the order of their bytes.
+
+    The bytes are those of the pickler (protocol 5, no memo) but for that
+    order, and without frames; they unpickle to an equal key in any process.
+
+    >>> canonical_key_bytes(frozenset({"b", "a"})) == canonical_key_bytes(frozenset({"a", "b"}))
+    True
+    >>> canonical_key_bytes(frozenset({"b", "a"}))
+    b'\\x80\\x05(\\x8c\\x01a\\x8c\\x01b\\x91.'
+    """
+    return b"\x80\x05" + _body(key) + b"."
+
+
+def _body(value: Any) -> bytes:
+    """The opcodes that build ``value``, without protocol, frame or stop."""
+    out = io.BytesIO()
+    pickler: Any = _CanonicalPickler(out, PROTOCOL)
+    pickler.fast = True  # no memo: the bytes depend on values, not on identities
+    # save(), not dump(): dump() would add the protocol, frames and the stop.
+    pickler.save(value)
+    return out.getvalue()
+
+
+def _sorted_bodies(elements: Any) -> list[bytes]:
+    return sorted(map(_body, elements))
+
+
+def _save_frozenset(pickler: Any, obj: frozenset[Any]) -> None:
+    pickler.write(pickle.MARK + b"".join(_sorted_bodies(obj)) + pickle.FROZENSET)
+
+
+def _save_set(pickler: Any, obj: set[Any]) -> None:
+    # As the pickler does: an empty set, then its elements added by batches of 1000.
+    pickler.write(pickle.EMPTY_SET)
+    bodies = _sorted_bodies(obj)
+    for start in range(0, len(bodies), 1000):
+        pickler.write(pickle.MARK + b"".join(bodies[start:start + 1000]) + pickle.ADDITEMS)
+
+
+class _CanonicalPickler(pickle._Pickler):
+    """The pure-Python pickler (whose dispatch can be changed), writing sets in order."""
+
+    dispatch: ClassVar[dict[type, Any]] = {
+        **pickle._Pickler.dispatch, frozenset: _save_frozenset, set: _save_set,
+    }
