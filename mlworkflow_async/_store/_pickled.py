@@ -411,11 +411,15 @@ class PickledDataset(Dataset[Any, Any]):
         ``path`` is written atomically: the data goes to a temporary file in
         the same folder, synced, then renamed to ``path``. On an error,
         cancellation or Ctrl-C the temporary file is removed and any
-        previous file at ``path`` is left as it was (a killed process leaves
-        its ``.NAME.*.tmp`` behind; readers reject it as unfinished). ``path`` may instead be
-        a binary file object open for writing, at its start; it is written
-        directly, so an interrupted write leaves it partial (and unreadable:
-        readers detect it).
+        previous file at ``path`` is left as it was. A process killed
+        meanwhile (``SIGKILL``, a crash, a power cut) cannot remove it: the
+        unfinished file stays beside ``path``, named ``.NAME.XXXXXXXX.tmp``
+        (the target's name after a dot, 8 hex digits, ``.tmp``: for
+        ``data.pkl``, ``.data.pkl.3f9a0c1e.tmp``). Readers reject it as
+        unfinished; it is safe to delete once no ``create`` is writing it.
+        ``path`` may instead be a binary file object open for writing, at
+        its start; it is written directly, so an interrupted write leaves it
+        partial (and unreadable: readers detect it).
 
         ``progress=True`` shows a progress bar if ``tqdm`` is installed.
         ``format_version=1`` writes the previous format (no checksums, an
