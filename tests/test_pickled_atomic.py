@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,31 @@ def test_killed_writer_leaves_the_previous_file_readable(tmp_path: Path) -> None
     (partial,) = leftovers(str(tmp_path))
     with pytest.raises(CorruptFileError, match="end-of-file marker is missing"):
         PickledDataset(tmp_path / partial)
+
+
+def test_a_killed_writers_leftover_is_as_documented_and_safe_to_delete(tmp_path: Path) -> None:
+    path = tmp_path / "data.pkl"
+    asyncio.run(write_previous(path))
+    child = start_writer(path)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    (partial,) = leftovers(str(tmp_path))
+    assert re.fullmatch(r"\.data\.pkl\.[0-9a-f]{8}\.tmp", partial)
+    # What the docs say of it: its name pattern, and that it may be deleted.
+    readme = (Path(REPO) / "README.md").read_text()
+    store = readme[readme.index("## PickledDataset: one packed file"):]
+    store = store[:store.index("\n## ", 1)]
+    docs = " ".join((PickledDataset.create.__doc__ or "").split())
+    for text in (" ".join(store.split()), docs):
+        assert ".NAME.XXXXXXXX.tmp" in text
+        assert "SIGKILL" in text
+        assert "safe to delete" in text
+    (tmp_path / partial).unlink()
+    asyncio.run(read_previous(path))
+    asyncio.run(PickledDataset.create(DictDataset({"new": 1}), path))
+    with PickledDataset(path) as ds:
+        assert ds.sync.query_item("new") == 1
+    assert leftovers(str(tmp_path)) == []
 
 
 def test_killed_writer_of_a_file_object_leaves_an_unreadable_file(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ from .._core._collate import DEFAULT_COLLATE, collate_batch
 from .._core._dataset import Dataset
 from .._core._keys import KeySequence
 from ..exceptions import CorruptFileError, UnsupportedVersionError
+from ._file_keys import FileKeys
 from ._format import HEADER_SIZE, MAGIC, Encoder, header
 from ._format2 import VERSION2, Encoder2, header2, header_intact
 from ._index2 import Index2, MemoryIndex
@@ -96,7 +97,8 @@ class PickledDataset(Dataset[Any, Any]):
     In async code, open it with ``await PickledDataset.open(path)`` (and
     ``async with``), which does not block the event loop. ``len()`` and
     :attr:`context` are known as soon as the file is open; the keys are
-    unpickled when first asked for. A key is found by its pickle: ``3``,
+    unpickled when first asked for (in worker threads, a chunk at a time,
+    when awaited). A key is found by its pickle: ``3``,
     ``np.int64(3)`` and ``("a", 1)`` find what was stored under them, but
     ``3.0`` does not find ``3``. Keys holding sets or frozensets are found
     in any process (their elements are spelled in a fixed order, not in the
@@ -278,6 +280,14 @@ class PickledDataset(Dataset[Any, Any]):
         """The keys in file order; a format 2 file unpickles them only now."""
         return self._index.keys()
 
+    def _new_keys(self) -> KeySequence[Any]:
+        # A format 2 file's keys are unpickled in worker threads when first
+        # awaited (batches(), keys.all()), not on the event loop.
+        index = self.__dict__.get("_index")
+        if isinstance(index, Index2) and index.footer.first is None:
+            return FileKeys(self.yield_keys, type(self).__name__, index)
+        return super()._new_keys()
+
     def __len__(self) -> int:
         # Known at open, without unpickling the keys.
         return len(self._index)
@@ -401,11 +411,15 @@ class PickledDataset(Dataset[Any, Any]):
         ``path`` is written atomically: the data goes to a temporary file in
         the same folder, synced, then renamed to ``path``. On an error,
         cancellation or Ctrl-C the temporary file is removed and any
-        previous file at ``path`` is left as it was (a killed process leaves
-        its ``.NAME.*.tmp`` behind; readers reject it as unfinished). ``path`` may instead be
-        a binary file object open for writing, at its start; it is written
-        directly, so an interrupted write leaves it partial (and unreadable:
-        readers detect it).
+        previous file at ``path`` is left as it was. A process killed
+        meanwhile (``SIGKILL``, a crash, a power cut) cannot remove it: the
+        unfinished file stays beside ``path``, named ``.NAME.XXXXXXXX.tmp``
+        (the target's name after a dot, 8 hex digits, ``.tmp``: for
+        ``data.pkl``, ``.data.pkl.3f9a0c1e.tmp``). Readers reject it as
+        unfinished; it is safe to delete once no ``create`` is writing it.
+        ``path`` may instead be a binary file object open for writing, at
+        its start; it is written directly, so an interrupted write leaves it
+        partial (and unreadable: readers detect it).
 
         ``progress=True`` shows a progress bar if ``tqdm`` is installed.
         ``format_version=1`` writes the previous format (no checksums, an
